@@ -1,0 +1,48 @@
+# Thin verbs; everything a fresh Debian machine with python3 needs is set up here.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: run test check bench faults setup promtool clean schemas
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's prometheus package gives promtool and the server used by the monitoring checks.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1 || \
+	  { apt-get update >/dev/null && apt-get install -y --no-install-recommends prometheus >/dev/null; }; }
+	@# the package starts a system server we do not want; tests start their own
+	@-systemctl stop prometheus >/dev/null 2>&1 || true
+
+run: setup
+	$(BIN)/python -m service.devrun
+
+test: setup promtool
+	$(BIN)/pytest -q -p no:cacheprovider
+
+check: setup
+	$(BIN)/ruff check service schemas tests bench
+	$(BIN)/ruff format --check service schemas tests bench
+	$(BIN)/mypy
+
+schemas: setup
+	$(BIN)/python -m schemas.generate
+
+bench: setup
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.consume
+
+faults: setup
+	$(BIN)/pytest -q -p no:cacheprovider faults
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""Shared fixtures live in one module per area, registered here."""
+
+pytest_plugins = [
+    "tests.fixtures_kafka",
+]
