@@ -1,0 +1,366 @@
+"""Reconciliation: invoice events in, settlements out. Pure functions, no I/O.
+
+An invoice's state is the set of facts of every distinct event applied to it, plus the last
+settlement. The settlement is recomputed from all the facts each time, and every choice among
+facts is made by a total order (provider time first, then a content-derived tiebreak), never by
+arrival order. So any permutation of an invoice's events, duplicates included, ends in the same
+settlement; only ``version``, ``last_event_id`` and ``updated_at`` record the path taken.
+"""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Final, Literal, final
+
+import msgspec
+
+from schemas.events import (
+    InvoiceEvent,
+    InvoiceStatus,
+    Payment,
+    Provider,
+    Settlement,
+    SettlementState,
+)
+
+# Providers whose paid amount is their own running total, not a sum of payments.
+RUNNING_TOTAL_PROVIDERS: Final = frozenset({"cryptosteroid", "cryptopos"})
+
+# Ranks break provider-time ties between statuses: the further along wins.
+_STATUS_RANK: Final[dict[str, int]] = {
+    "created": 0,
+    "pending": 1,
+    "expired": 2,
+    "cancelled": 3,
+    "completed": 4,
+}
+
+# Sums and differences must be exact: wide enough for any amount a provider sends.
+_EXACT: Final = decimal.Context(prec=200, traps=[decimal.Inexact, decimal.InvalidOperation])
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+_payment_encoder: Final = msgspec.json.Encoder()
+
+Outcome = Literal["duplicate", "unchanged", "changed"]
+
+
+class InvalidEvent(ValueError):
+    """A decodable event that cannot be reconciled; the message says why (for the DLQ)."""
+
+
+class Fact(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """What reconciliation needs of one applied event."""
+
+    event_id: str
+    status: InvoiceStatus
+    occurred_at: datetime
+    order_id: str | None
+    pay_currency: str | None
+    expected_amount: Decimal | None
+    amount_diff: Decimal | None
+    paid_total: Decimal | None
+    payments: tuple[Payment, ...]
+
+
+class InvoiceState(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """Everything stored for one invoice: the applied facts and the current settlement."""
+
+    facts: tuple[Fact, ...]
+    settlement: Settlement
+
+    def has_event(self, event_id: str) -> bool:
+        return any(f.event_id == event_id for f in self.facts)
+
+
+@final
+class Applied(msgspec.Struct, frozen=True):
+    """The result of applying one event: the new state, and what happened."""
+
+    state: InvoiceState
+    outcome: Outcome
+
+
+def invoice_key(provider: str, invoice_id: str) -> str:
+    """The Kafka key and store key of an invoice."""
+    return f"{provider}:{invoice_id}"
+
+
+def _aware(value: datetime | None, what: str) -> None:
+    if value is not None and value.utcoffset() is None:
+        raise InvalidEvent(f"{what} has no time zone")
+
+
+def _finite(value: Decimal | None, what: str) -> None:
+    if value is not None and not value.is_finite():
+        raise InvalidEvent(f"{what} is not a finite amount")
+
+
+def validate(event: InvoiceEvent, key: bytes | None = None) -> None:
+    """Raises :class:`InvalidEvent` for an event that decodes but must go to the DLQ."""
+    if key is not None and key != invoice_key(event.provider, event.invoice_id).encode():
+        raise InvalidEvent("record key does not match provider:invoice_id")
+    if not event.event_id or not event.invoice_id:
+        raise InvalidEvent("event_id and invoice_id must not be empty")
+    _aware(event.occurred_at, "occurred_at")
+    _aware(event.received_at, "received_at")
+    _finite(event.amount, "amount")
+    _finite(event.expected_pay_amount, "expected_pay_amount")
+    _finite(event.amount_diff, "amount_diff")
+    _finite(event.paid_total, "paid_total")
+    for i, payment in enumerate(event.payments):
+        where = f"payments[{i}]"
+        if not payment.txid:
+            raise InvalidEvent(f"{where}.txid must not be empty")
+        _finite(payment.amount, f"{where}.amount")
+        _finite(payment.crypto_amount, f"{where}.crypto_amount")
+        _aware(payment.created_at, f"{where}.created_at")
+        _aware(payment.updated_at, f"{where}.updated_at")
+        if payment.amount is None and event.provider not in RUNNING_TOTAL_PROVIDERS:
+            raise InvalidEvent(f"{where}.amount is required for {event.provider}")
+
+
+def fact_of(event: InvoiceEvent) -> Fact:
+    return Fact(
+        event_id=event.event_id,
+        status=event.status,
+        occurred_at=event.occurred_at,
+        order_id=event.order_id,
+        pay_currency=event.pay_currency,
+        expected_amount=event.expected_pay_amount,
+        amount_diff=event.amount_diff,
+        paid_total=event.paid_total,
+        payments=event.payments,
+    )
+
+
+def _plain(value: Decimal) -> Decimal:
+    """The same number without a positive exponent (``1E+2`` -> ``100``), and zero as ``0``
+    (``0.1 - 0.1`` would otherwise encode as ``0E-1``)."""
+    if value.is_zero():
+        return Decimal(0)
+    return Decimal(format(value, "f"))
+
+
+def _latest(facts: Iterable[Fact]) -> Fact | None:
+    """The fact latest by provider time; ties go to the further status, then the event id."""
+    return max(
+        facts,
+        key=lambda f: (f.occurred_at, _STATUS_RANK[f.status], f.event_id),
+        default=None,
+    )
+
+
+def _distinct_payments(facts: Iterable[Fact]) -> tuple[Payment, ...]:
+    """One copy per (currency, txid): the one from the latest event by provider time, then the
+    one with the most confirmations (a payment repeated inside ``additionalPayments``)."""
+    best: dict[tuple[str, str], tuple[tuple[datetime, int, datetime, bytes], Payment]] = {}
+    for fact in facts:
+        for payment in fact.payments:
+            rank = (
+                fact.occurred_at,
+                -1 if payment.confirmations is None else payment.confirmations,
+                payment.updated_at or _EPOCH,
+                _payment_encoder.encode(payment),
+            )
+            ident = (payment.currency, payment.txid)
+            held = best.get(ident)
+            if held is None or rank > held[0]:
+                best[ident] = (rank, payment)
+    return tuple(
+        payment
+        for _, payment in sorted(
+            best.values(),
+            key=lambda item: (
+                item[1].created_at or _EPOCH,
+                item[1].currency,
+                item[1].txid,
+            ),
+        )
+    )
+
+
+class _Content(msgspec.Struct, frozen=True, kw_only=True):
+    state: SettlementState
+    order_id: str | None
+    force_completed: bool
+    pay_currency: str | None
+    expected_amount: Decimal | None
+    paid_amount: Decimal
+    difference: Decimal | None
+    provider_amount_diff: Decimal | None
+    discrepancy: bool
+    payments: tuple[Payment, ...]
+
+
+def _settle(provider: Provider, facts: tuple[Fact, ...]) -> _Content:
+    payments = _distinct_payments(facts)
+
+    if provider in RUNNING_TOTAL_PROVIDERS:
+        totals = [(f.occurred_at, f.paid_total) for f in facts if f.paid_total is not None]
+        paid = max(totals)[1] if totals else Decimal(0)
+    else:
+        paid = Decimal(0)
+        for payment in payments:
+            if payment.amount is not None:
+                paid = _EXACT.add(paid, payment.amount)
+    paid = _plain(paid)
+
+    with_expected = _latest(f for f in facts if f.expected_amount is not None)
+    if with_expected is not None:
+        expected = with_expected.expected_amount
+        pay_currency = with_expected.pay_currency
+    else:
+        expected = None
+        with_currency = _latest(f for f in facts if f.pay_currency is not None)
+        pay_currency = with_currency.pay_currency if with_currency else None
+    difference = None if expected is None else _plain(_EXACT.subtract(paid, expected))
+
+    with_diff = _latest(f for f in facts if f.amount_diff is not None)
+    amount_diff = with_diff.amount_diff if with_diff else None
+    discrepancy = (
+        amount_diff is not None
+        and difference is not None
+        and _EXACT.abs(difference) != _EXACT.abs(amount_diff)
+    )
+
+    with_order = _latest(f for f in facts if f.order_id is not None)
+    order_id = with_order.order_id if with_order else None
+
+    some_payment = bool(payments) or paid > 0
+    state: SettlementState
+    if any(f.status == "completed" for f in facts):
+        # Completion is final whatever the times say; amounts keep moving.
+        if difference is None or difference == 0:
+            state = "paid"
+        elif difference > 0:
+            state = "overpaid"
+        else:
+            state = "underpaid"
+    else:
+        latest = _latest(facts)
+        status = latest.status if latest else "created"
+        if status == "expired":
+            state = "expired_underpaid" if some_payment else "expired"
+        elif status == "cancelled":
+            state = "expired_underpaid" if some_payment else "cancelled"
+        else:
+            state = "partially_paid" if some_payment else "awaiting_payment"
+
+    return _Content(
+        state=state,
+        order_id=order_id,
+        force_completed=any(p.force_completed for f in facts for p in f.payments),
+        pay_currency=pay_currency,
+        expected_amount=expected,
+        paid_amount=paid,
+        difference=difference,
+        provider_amount_diff=amount_diff,
+        discrepancy=discrepancy,
+        payments=payments,
+    )
+
+
+def _content_of(settlement: Settlement) -> _Content:
+    return _Content(
+        state=settlement.state,
+        order_id=settlement.order_id,
+        force_completed=settlement.force_completed,
+        pay_currency=settlement.pay_currency,
+        expected_amount=settlement.expected_amount,
+        paid_amount=settlement.paid_amount,
+        difference=settlement.difference,
+        provider_amount_diff=settlement.provider_amount_diff,
+        discrepancy=settlement.discrepancy,
+        payments=settlement.payments,
+    )
+
+
+def _build(
+    provider: Provider,
+    invoice_id: str,
+    content: _Content,
+    version: int,
+    last_event_id: str,
+    updated_at: datetime,
+) -> Settlement:
+    return Settlement(
+        provider=provider,
+        invoice_id=invoice_id,
+        order_id=content.order_id,
+        state=content.state,
+        force_completed=content.force_completed,
+        pay_currency=content.pay_currency,
+        expected_amount=content.expected_amount,
+        paid_amount=content.paid_amount,
+        difference=content.difference,
+        provider_amount_diff=content.provider_amount_diff,
+        discrepancy=content.discrepancy,
+        payments=content.payments,
+        version=version,
+        last_event_id=last_event_id,
+        updated_at=updated_at,
+    )
+
+
+def settle(
+    provider: Provider,
+    invoice_id: str,
+    facts: tuple[Fact, ...],
+    *,
+    version: int,
+    last_event_id: str,
+    updated_at: datetime,
+) -> Settlement:
+    """The settlement that ``facts`` add up to (order of ``facts`` does not matter)."""
+    return _build(
+        provider, invoice_id, _settle(provider, facts), version, last_event_id, updated_at
+    )
+
+
+def apply(state: InvoiceState | None, event: InvoiceEvent, now: datetime) -> Applied:
+    """Applies one validated event to an invoice's state.
+
+    A duplicate (same ``event_id``) returns the state untouched. An event that changes no
+    settlement field keeps ``version``, ``last_event_id`` and ``updated_at``; one that changes
+    any other field bumps ``version`` by one.
+    """
+    if state is not None and state.has_event(event.event_id):
+        return Applied(state, "duplicate")
+    fact = fact_of(event)
+    facts = (*state.facts, fact) if state is not None else (fact,)
+    content = _settle(event.provider, facts)
+    if state is None:
+        settlement = _build(event.provider, event.invoice_id, content, 1, event.event_id, now)
+        return Applied(InvoiceState(facts=facts, settlement=settlement), "changed")
+    previous = state.settlement
+    if content != _content_of(previous):
+        settlement = _build(
+            event.provider, event.invoice_id, content, previous.version + 1, event.event_id, now
+        )
+        return Applied(InvoiceState(facts=facts, settlement=settlement), "changed")
+    # Unchanged in value; rebuilt anyway so the stored digits are those every order gives.
+    settlement = _build(
+        event.provider,
+        event.invoice_id,
+        content,
+        previous.version,
+        previous.last_event_id,
+        previous.updated_at,
+    )
+    return Applied(InvoiceState(facts=facts, settlement=settlement), "unchanged")
+
+
+def apply_all(
+    state: InvoiceState | None, events: Iterable[InvoiceEvent], now: datetime
+) -> tuple[InvoiceState | None, list[Outcome]]:
+    """Applies events in order; returns the final state and each event's outcome."""
+    outcomes: list[Outcome] = []
+    for event in events:
+        applied = apply(state, event, now)
+        state = applied.state
+        outcomes.append(applied.outcome)
+    return state, outcomes
