@@ -1,0 +1,311 @@
+"""The HTTP ingest service: webhook routes, probes and metrics.
+
+A request with several faults is answered by the first of 404, 405, 413, 415, 401 (or 429),
+400. Per-order secrets are checked on the raw bytes before anything decodes the body; Crypto POS
+signs inside the body, so its envelope is split (not decoded) first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, final
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from schemas.events import PROVIDERS, InvoiceEvent
+from service import errors
+from service.auth import (
+    PER_ORDER_PROVIDERS,
+    FailureLimiter,
+    verify_cryptopos_signature,
+    verify_secret,
+)
+from service.logs import configure_logging
+from service.metrics import CONTENT_TYPE, IngestMetrics
+from service.normalize import (
+    decode,
+    decode_cryptopos_data,
+    normalize,
+    order_id_of,
+    split_cryptopos,
+)
+from service.publish import Publisher, ensure_topics
+from service.settings import Settings
+
+log = structlog.get_logger("payhook.http")
+
+
+@final
+@dataclass(slots=True)
+class Lifecycle:
+    shutting_down: bool = False
+
+
+SETTINGS: Final = web.AppKey("settings", Settings)
+METRICS: Final = web.AppKey("metrics", IngestMetrics)
+PUBLISHER: Final = web.AppKey("publisher", Publisher)
+LIMITER: Final = web.AppKey("limiter", FailureLimiter)
+LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
+
+WEBHOOK_PREFIX: Final = "/v1/webhooks/"
+_JSON: Final = "application/json"
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_HTTP_CODES: Final = {
+    404: errors.NotFound.code,
+    405: errors.MethodNotAllowed.code,
+    413: errors.PayloadTooLarge.code,
+    415: errors.UnsupportedMediaType.code,
+}
+
+
+def _json(
+    status: int, payload: dict[str, str], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(payload), content_type=_JSON, headers=headers
+    )
+
+
+def _error_response(exc: errors.PayhookError) -> web.Response:
+    headers: dict[str, str] | None = None
+    if isinstance(exc, errors.Unavailable):
+        headers = {"Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, errors.MethodNotAllowed):
+        headers = {"Allow": "POST"}
+    return _json(exc.status, {"error": exc.code, "detail": exc.detail}, headers)
+
+
+# --- request handling -------------------------------------------------------------------------
+
+
+def _require_post(request: web.Request) -> None:
+    if request.method != "POST":
+        raise errors.MethodNotAllowed(f"{request.method} is not allowed here; use POST")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The body, read no further than the limit (413), then its media type checked (415)."""
+    limit = request.app[SETTINGS].max_body_bytes
+    too_large = errors.PayloadTooLarge(f"the body must not exceed {limit} bytes")
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    if request.content_type != _JSON:
+        raise errors.UnsupportedMediaType("the body must be application/json")
+    return bytes(body)
+
+
+def _refuse(request: web.Request) -> errors.PayhookError:
+    """A failed authentication: 401, or 429 once the source is past its failure budget."""
+    if request.app[LIMITER].fail(request.remote or ""):
+        return errors.RateLimited("too many failed authentications; retry later")
+    return errors.Unauthorized("missing, malformed or wrong secret")
+
+
+async def _accept(request: web.Request, event: InvoiceEvent) -> web.Response:
+    request["event_id"] = event.event_id
+    await request.app[PUBLISHER].publish(event)
+    body = b'{"status":"accepted","event_id":"' + event.event_id.encode() + b'"}'
+    return web.Response(body=body, content_type=_JSON)
+
+
+async def per_order_webhook(request: web.Request) -> web.Response:
+    """``POST /v1/webhooks/{provider}/{order_id}``: Bitfinex and CryptoSteroid."""
+    provider = request.match_info["provider"]
+    if provider not in PER_ORDER_PROVIDERS:
+        if provider in PROVIDERS:
+            raise errors.NotFound(f"{provider} posts to {WEBHOOK_PREFIX}{provider}")
+        raise errors.UnknownProvider("no such provider")
+    _require_post(request)
+    body = await _read_body(request)
+    order_id = request.match_info["order_id"]
+    presented = request.headers.get("Token") or request.query.get("token")
+    keys = request.app[SETTINGS].signing_keys
+    if not presented or not verify_secret(keys, provider, order_id, presented):
+        raise _refuse(request)
+    notification = decode(provider, body)
+    if order_id_of(notification) != order_id:
+        raise errors.OrderMismatch(
+            "the order id in the body differs from the one in the URL (or is missing)"
+        )
+    return await _accept(request, normalize(notification, datetime.now(UTC)))
+
+
+async def merchant_webhook(request: web.Request) -> web.Response:
+    """``POST /v1/webhooks/cryptopos``: one URL per merchant, signed inside the body."""
+    provider = request.match_info["provider"]
+    secret = request.app[SETTINGS].cryptopos_secret
+    if provider != "cryptopos":
+        if provider in PROVIDERS:
+            raise errors.NotFound(f"{provider} webhooks carry the order id in the path")
+        raise errors.UnknownProvider("no such provider")
+    if secret is None:
+        raise errors.UnknownProvider("Crypto POS is not configured")
+    _require_post(request)
+    body = await _read_body(request)
+    signature, data = split_cryptopos(body)
+    if (
+        not signature
+        or not data
+        or not verify_cryptopos_signature(data, secret.reveal(), signature)
+    ):
+        raise _refuse(request)
+    invoice = decode_cryptopos_data(data)
+    return await _accept(request, normalize(invoice, datetime.now(UTC)))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
+    if request.app[LIFECYCLE].shutting_down:
+        metrics.ready.set(0)
+        return _json(503, {"status": "shutting_down"})
+    if not await request.app[PUBLISHER].ready():
+        metrics.ready.set(0)
+        return _json(503, {"status": "kafka_unreachable"})
+    metrics.ready.set(1)
+    return _json(200, {"status": "ready"})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+# --- middleware: errors, request id, metrics, one log line ------------------------------------
+
+_ids = itertools.count(1)
+_ID_PREFIX: Final = secrets.token_hex(4)
+
+
+def _request_id(request: web.Request) -> str:
+    incoming = request.headers.get("X-Request-Id")
+    if incoming and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return f"{_ID_PREFIX}-{next(_ids)}"
+
+
+def _from_http_exception(exc: web.HTTPException) -> web.Response:
+    """The router's own 404/405 (and anything else aiohttp raises), in our error format."""
+    code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return _json(exc.status, {"error": code, "detail": exc.reason}, headers)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Maps errors to responses, times the request, and logs one line about it.
+
+    The log line names the path without its query string: Bitfinex's token lives there.
+    """
+    request_id = _request_id(request)
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    started = time.perf_counter()
+    error: str | None = None
+    response: web.StreamResponse
+    try:
+        response = await handler(request)
+    except errors.PayhookError as exc:
+        error = exc.code
+        response = _error_response(exc)
+    except web.HTTPException as exc:
+        response = _from_http_exception(exc)
+        error = _HTTP_CODES.get(exc.status, "bad_request")
+    except Exception:  # a bug must answer JSON 500 and be logged, not leak a traceback
+        log.exception("unhandled_error", path=request.path)
+        error = "internal"
+        response = _json(500, {"error": "internal", "detail": "internal error"})
+    elapsed = time.perf_counter() - started
+    response.headers["X-Request-Id"] = request_id
+
+    path = request.path
+    provider: str | None = None
+    if path.startswith(WEBHOOK_PREFIX):
+        name = request.match_info.get("provider")
+        provider = name if name in PROVIDERS else "unknown"
+        outcome = error or "accepted"
+        metrics = request.app[METRICS]
+        metrics.http_latency.labels(provider, outcome).observe(elapsed)
+        metrics.webhooks.labels(provider, outcome).inc()
+    log.info(
+        "request",
+        method=request.method,
+        path=path,
+        status=response.status,
+        error=error,
+        provider=provider,
+        event_id=request.get("event_id"),
+        duration_ms=round(elapsed * 1000, 3),
+    )
+    return response
+
+
+# --- the application --------------------------------------------------------------------------
+
+
+async def _kafka(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    for topic, problem in (await ensure_topics(settings, within=5.0)).items():
+        if problem is not None:
+            log.warning("topic_not_ensured", topic=topic, problem=problem)
+    publisher = app[PUBLISHER]
+    await publisher.start()
+    yield
+    await publisher.close()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[LIFECYCLE].shutting_down = True
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The ingest application; connects to nothing until it starts."""
+    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    metrics = IngestMetrics()
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[PUBLISHER] = Publisher(settings, metrics)
+    app[LIMITER] = FailureLimiter(settings.auth_failure_budget)
+    app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.append(_kafka)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_route("*", "/v1/webhooks/{provider}/{order_id}", per_order_webhook)
+    app.router.add_route("*", "/v1/webhooks/{provider}", merchant_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """``payhook serve``: runs until SIGINT/SIGTERM, then drains in-flight requests."""
+    configure_logging(settings.log_format)
+    log.info("serving", host=settings.http_host, port=settings.http_port)
+    web.run_app(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        shutdown_timeout=settings.shutdown_timeout,
+        # Our middleware writes the access line, without the query string (Bitfinex's token).
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )

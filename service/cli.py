@@ -1,0 +1,96 @@
+"""The ``payhook`` command: serve, consume, secret, topics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Sequence
+
+from service.auth import PER_ORDER_PROVIDERS, mint_secret, webhook_url
+from service.settings import SettingsError, load_settings
+
+_CRYPTOPOS_NOTE = (
+    "payhook: Crypto POS has no per-order secret: it signs every callback with the merchant "
+    "secret (PAYHOOK_CRYPTOPOS_SECRET). Register {url}/v1/webhooks/cryptopos as the merchant's "
+    "callback URL instead.\n"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="payhook", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="run the HTTP ingest service")
+    commands.add_parser("consume", help="run the reconciling consumer")
+    commands.add_parser("topics", help="create the Kafka topics that are missing")
+    secret = commands.add_parser(
+        "secret", help="print an order's secret and the webhook URL to give the provider"
+    )
+    secret.add_argument("--provider", required=True, choices=[*PER_ORDER_PROVIDERS, "cryptopos"])
+    secret.add_argument("order_id")
+    return parser
+
+
+def _secret(provider: str, order_id: str) -> int:
+    settings = load_settings()
+    if provider not in PER_ORDER_PROVIDERS:
+        sys.stderr.write(_CRYPTOPOS_NOTE.format(url=settings.public_url))
+        return 2
+    print(f"secret: {mint_secret(settings.signing_keys, provider, order_id)}")
+    print(f"url: {webhook_url(settings, provider, order_id)}")
+    if provider == "cryptosteroid":
+        print("(pass the secret as the invoice's `secret` and the URL as its `processingUrl`)")
+    else:
+        print("(pass the URL as the invoice's `webhook`)")
+    return 0
+
+
+def _topics() -> int:
+    from service.publish import ensure_topics
+
+    settings = load_settings(require_signing_keys=False)
+    results = asyncio.run(ensure_topics(settings))
+    failed = 0
+    for topic, problem in results.items():
+        if problem is None:
+            print(f"{topic}: ok")
+        else:
+            failed += 1
+            print(f"{topic}: {problem}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _serve() -> int:
+    from service.app import serve
+
+    serve(load_settings())
+    return 0
+
+
+def _consume() -> int:
+    # Imported on use: the consumer's dependencies (store drivers) stay out of the other verbs.
+    consume = importlib.import_module("service.consume")
+    return int(consume.run(load_settings(require_signing_keys=False)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        match args.command:
+            case "secret":
+                return _secret(args.provider, args.order_id)
+            case "topics":
+                return _topics()
+            case "serve":
+                return _serve()
+            case "consume":
+                return _consume()
+    except SettingsError as exc:
+        print(f"payhook: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""structlog configuration, in one function.
+
+One line per event, JSON by default (console for humans). Request-scoped values (the request
+id) come from context variables, bound by the app's middleware. Lines from the standard library
+loggers (aiohttp, aiokafka) go through the same renderer.
+
+Never log a secret, a token, a query string or customer data: callers pass only ids, codes and
+timings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+
+def configure_logging(log_format: str = "json", level: int = logging.INFO) -> None:
+    """Configures structlog and the root logger for this process (idempotent)."""
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: Any
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        renderer = structlog.processors.JSONRenderer()
+
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Library chatter (aiokafka reconnects every second while the broker is down) only from
+    # warnings up; aiohttp's own access log is off (it would print the token query string).
+    root.setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.access").disabled = True
