@@ -10,7 +10,7 @@ settlement; only ``version``, ``last_event_id`` and ``updated_at`` record the pa
 from __future__ import annotations
 
 import decimal
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final, Literal, final
@@ -364,3 +364,33 @@ def apply_all(
         state = applied.state
         outcomes.append(applied.outcome)
     return state, outcomes
+
+
+@final
+class BatchResult(msgspec.Struct):
+    """What a batch of events did: changed states, settlements to publish, outcomes."""
+
+    states: dict[str, InvoiceState]
+    settlements: dict[str, Settlement]
+    outcomes: list[Outcome]
+
+
+def apply_batch(
+    states: Mapping[str, InvoiceState], events: Iterable[InvoiceEvent], now: datetime
+) -> BatchResult:
+    """Applies validated events in order to the invoices' current ``states`` (absent: never
+    seen). Only the latest new settlement version of each invoice is to be published."""
+    current: dict[str, InvoiceState] = dict(states)
+    changed: dict[str, InvoiceState] = {}
+    settlements: dict[str, Settlement] = {}
+    outcomes: list[Outcome] = []
+    for event in events:
+        key = invoice_key(event.provider, event.invoice_id)
+        applied = apply(current.get(key), event, now)
+        outcomes.append(applied.outcome)
+        if applied.outcome == "duplicate":
+            continue
+        current[key] = changed[key] = applied.state
+        if applied.outcome == "changed":
+            settlements[key] = applied.state.settlement
+    return BatchResult(states=changed, settlements=settlements, outcomes=outcomes)

@@ -1,0 +1,391 @@
+"""Where invoice states and the settlement outbox live: SQLite or PostgreSQL, one schema.
+
+One small interface (:class:`Store`), two implementations:
+
+- SQLite (stdlib ``sqlite3``, WAL, ``synchronous=FULL``): the embedded default, for one
+  consumer instance; a lock file refuses a second one. The blocking calls run on one dedicated
+  thread so the event loop (and the Kafka heartbeat) keeps running.
+- PostgreSQL (asyncpg): many consumer instances at once. A batch locks its invoices' rows
+  (``SELECT ... FOR UPDATE``, in key order) for the whole transaction, so two consumers racing
+  on one invoice serialize on it and neither loses nor double-counts a payment. Deadlocks and
+  serialization failures retry the whole transaction; the update function is pure, so running it
+  again is safe.
+
+Each batch is one transaction: it drops outbox entries already published, loads the states of
+the batch's invoices, lets the caller's pure update function compute the new states and
+settlements, and writes both states and the outbox of settlement versions still to publish.
+The schema is created or migrated at start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Protocol, TypeVar, final
+
+import asyncpg
+import msgspec
+
+from schemas.events import Settlement
+from service.reconcile import InvoiceState
+
+SCHEMA_VERSION: Final = 1
+
+# One schema for both databases; only the binary column type is spelt differently.
+_MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: (
+        """CREATE TABLE IF NOT EXISTS invoices (
+            key TEXT PRIMARY KEY,
+            version INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            data {blob}
+        )""",
+        """CREATE TABLE IF NOT EXISTS outbox (
+            key TEXT PRIMARY KEY,
+            version INTEGER NOT NULL,
+            settlement {blob} NOT NULL
+        )""",
+    ),
+}
+
+_state_encoder: Final = msgspec.json.Encoder()
+_state_decoder: Final = msgspec.json.Decoder(InvoiceState)
+_settlement_encoder: Final = msgspec.json.Encoder()
+
+# (key, version) of a settlement version already published.
+Published = tuple[str, int]
+
+
+@dataclass(slots=True)
+class Writes:
+    """What one batch transaction writes: changed states, and settlements to publish."""
+
+    states: dict[str, InvoiceState] = field(default_factory=dict)
+    outbox: dict[str, Settlement] = field(default_factory=dict)
+
+
+W = TypeVar("W", bound=Writes)
+Update = Callable[[Mapping[str, InvoiceState]], W]
+
+
+@final
+class OutboxItem(msgspec.Struct, frozen=True):
+    key: str
+    version: int
+    settlement: bytes
+
+
+class Store(Protocol):
+    async def transact(
+        self, keys: Collection[str], update: Update[W], published: Sequence[Published] = ()
+    ) -> W:
+        """One transaction: forget ``published`` outbox entries, load the states of ``keys``,
+        call ``update`` with them (invoices never seen are absent) and write what it returns."""
+        ...
+
+    async def unpublished(self) -> list[OutboxItem]:
+        """Settlement versions stored but not yet marked published, oldest key first."""
+        ...
+
+    async def mark_published(self, published: Sequence[Published]) -> None: ...
+
+    async def get(self, key: str) -> InvoiceState | None: ...
+
+    async def close(self) -> None: ...
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened (bad URL, locked by another consumer)."""
+
+
+async def open_store(url: str) -> Store:
+    """Opens the store named by ``PAYHOOK_STORE_URL`` and creates or migrates its schema."""
+    if url.startswith("sqlite:///"):
+        return await SqliteStore.open(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresStore.open(url)
+    raise StoreError("store URL must start with sqlite:/// or postgresql://")
+
+
+def _outbox_rows(writes: Writes) -> list[tuple[str, int, bytes]]:
+    return [(k, s.version, _settlement_encoder.encode(s)) for k, s in writes.outbox.items()]
+
+
+def _state_rows(writes: Writes) -> list[tuple[str, int, str, bytes]]:
+    return [
+        (k, st.settlement.version, st.settlement.state, _state_encoder.encode(st))
+        for k, st in writes.states.items()
+    ]
+
+
+# --- SQLite -----------------------------------------------------------------------------------
+
+
+@final
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="payhook-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        store = cls(path)
+        try:
+            await store._run(store._open)
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self._path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"{self._path} is in use by another consumer; SQLite serves one instance "
+                "(use PostgreSQL for several)"
+            ) from None
+        self._lock_fd = fd
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        self._db = db
+        db.execute("PRAGMA journal_mode=WAL")
+        # Offsets are committed to Kafka after this commit: it must survive a power loss too.
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS payhook_schema (version INTEGER NOT NULL)")
+            row = db.execute("SELECT max(version) FROM payhook_schema").fetchone()
+            current = row[0] or 0
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version]:
+                    db.execute(statement.format(blob="BLOB"))
+                db.execute("INSERT INTO payhook_schema (version) VALUES (?)", (version,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("store is closed")
+        return self._db
+
+    async def transact(
+        self, keys: Collection[str], update: Update[W], published: Sequence[Published] = ()
+    ) -> W:
+        result: W = await self._run(self._transact, keys, update, published)
+        return result
+
+    def _transact(
+        self, keys: Collection[str], update: Update[W], published: Sequence[Published]
+    ) -> W:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if published:
+                db.executemany("DELETE FROM outbox WHERE key = ? AND version = ?", published)
+            rows = db.execute(
+                "SELECT key, data FROM invoices WHERE key IN (SELECT value FROM json_each(?))",
+                (msgspec.json.encode(list(keys)),),
+            ).fetchall()
+            decode = _state_decoder.decode
+            states = {key: decode(data) for key, data in rows if data is not None}
+            writes = update(states)
+            if writes.states:
+                db.executemany(
+                    "INSERT INTO invoices (key, version, state, data) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET version = excluded.version, "
+                    "state = excluded.state, data = excluded.data",
+                    _state_rows(writes),
+                )
+            if writes.outbox:
+                db.executemany(
+                    "INSERT INTO outbox (key, version, settlement) VALUES (?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET version = excluded.version, "
+                    "settlement = excluded.settlement WHERE outbox.version < excluded.version",
+                    _outbox_rows(writes),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return writes
+
+    async def unpublished(self) -> list[OutboxItem]:
+        rows = await self._run(
+            lambda: (
+                self._conn()
+                .execute("SELECT key, version, settlement FROM outbox ORDER BY key")
+                .fetchall()
+            )
+        )
+        return [OutboxItem(k, v, bytes(s)) for k, v, s in rows]
+
+    async def mark_published(self, published: Sequence[Published]) -> None:
+        if published:
+            await self._run(self._mark_published, published)
+
+    def _mark_published(self, published: Sequence[Published]) -> None:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM outbox WHERE key = ? AND version = ?", published)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def get(self, key: str) -> InvoiceState | None:
+        row = await self._run(
+            lambda: (
+                self._conn().execute("SELECT data FROM invoices WHERE key = ?", (key,)).fetchone()
+            )
+        )
+        return None if row is None or row[0] is None else _state_decoder.decode(row[0])
+
+    async def close(self) -> None:
+        def _close() -> None:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+            fd, self._lock_fd = self._lock_fd, None
+            if fd is not None:
+                os.close(fd)  # releases the flock
+
+        with contextlib.suppress(RuntimeError):  # executor already shut down
+            await self._run(_close)
+        self._executor.shutdown(wait=True)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+_RETRYABLE: Final = (
+    asyncpg.exceptions.DeadlockDetectedError,
+    asyncpg.exceptions.SerializationError,
+)
+_MAX_ATTEMPTS: Final = 10
+_MIGRATION_LOCK: Final = 0x70617968  # "payh": one migrator at a time
+
+
+@final
+class PostgresStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresStore:
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS payhook_schema (version INTEGER NOT NULL)"
+                )
+                current = await conn.fetchval("SELECT max(version) FROM payhook_schema") or 0
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    for statement in _MIGRATIONS[version]:
+                        await conn.execute(statement.format(blob="BYTEA"))
+                    await conn.execute("INSERT INTO payhook_schema (version) VALUES ($1)", version)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool)
+
+    async def transact(
+        self, keys: Collection[str], update: Update[W], published: Sequence[Published] = ()
+    ) -> W:
+        ordered = sorted(set(keys))
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            try:
+                return await self._transact(ordered, update, published)
+            except _RETRYABLE:
+                if attempt == _MAX_ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.005 * attempt)  # back off before retrying the lock race
+        raise AssertionError("unreachable")
+
+    async def _transact(
+        self, keys: list[str], update: Update[W], published: Sequence[Published]
+    ) -> W:
+        async with self._pool.acquire() as conn, conn.transaction():
+            if published:
+                await conn.execute(
+                    "DELETE FROM outbox o USING unnest($1::text[], $2::int[]) AS p(key, version) "
+                    "WHERE o.key = p.key AND o.version = p.version",
+                    [k for k, _ in published],
+                    [v for _, v in published],
+                )
+            # Placeholders first, in key order, so that every invoice has a row to lock.
+            await conn.execute(
+                "INSERT INTO invoices (key, version, state) "
+                "SELECT k, 0, '' FROM unnest($1::text[]) AS k ORDER BY k "
+                "ON CONFLICT (key) DO NOTHING",
+                keys,
+            )
+            rows = await conn.fetch(
+                "SELECT key, data FROM invoices WHERE key = ANY($1::text[]) "
+                "ORDER BY key FOR UPDATE",
+                keys,
+            )
+            decode = _state_decoder.decode
+            states = {r["key"]: decode(r["data"]) for r in rows if r["data"] is not None}
+            writes = update(states)
+            if writes.states:
+                state_rows = _state_rows(writes)
+                await conn.execute(
+                    "UPDATE invoices SET version = u.version, state = u.state, data = u.data "
+                    "FROM unnest($1::text[], $2::int[], $3::text[], $4::bytea[]) "
+                    "AS u(key, version, state, data) WHERE invoices.key = u.key",
+                    [r[0] for r in state_rows],
+                    [r[1] for r in state_rows],
+                    [r[2] for r in state_rows],
+                    [r[3] for r in state_rows],
+                )
+            if writes.outbox:
+                outbox_rows = _outbox_rows(writes)
+                await conn.execute(
+                    "INSERT INTO outbox (key, version, settlement) "
+                    "SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[]) "
+                    "ON CONFLICT (key) DO UPDATE SET version = excluded.version, "
+                    "settlement = excluded.settlement WHERE outbox.version < excluded.version",
+                    [r[0] for r in outbox_rows],
+                    [r[1] for r in outbox_rows],
+                    [r[2] for r in outbox_rows],
+                )
+            return writes
+
+    async def unpublished(self) -> list[OutboxItem]:
+        rows = await self._pool.fetch("SELECT key, version, settlement FROM outbox ORDER BY key")
+        return [OutboxItem(r["key"], r["version"], bytes(r["settlement"])) for r in rows]
+
+    async def mark_published(self, published: Sequence[Published]) -> None:
+        if not published:
+            return
+        await self._pool.execute(
+            "DELETE FROM outbox o USING unnest($1::text[], $2::int[]) AS p(key, version) "
+            "WHERE o.key = p.key AND o.version = p.version",
+            [k for k, _ in published],
+            [v for _, v in published],
+        )
+
+    async def get(self, key: str) -> InvoiceState | None:
+        data = await self._pool.fetchval("SELECT data FROM invoices WHERE key = $1", key)
+        return None if data is None else _state_decoder.decode(data)
+
+    async def close(self) -> None:
+        await self._pool.close()
