@@ -63,10 +63,19 @@ _CRYPTOSTEROID: Final = msgspec.json.Decoder(CryptoSteroidInvoice)
 _CRYPTOPOS_DATA: Final = msgspec.json.Decoder(CryptoPosInvoice)
 _CRYPTOPOS_ENVELOPE: Final = msgspec.json.Decoder(_CryptoPosEnvelope)
 _STR: Final = msgspec.json.Decoder(str)
+_ANY: Final = msgspec.json.Decoder()
 
 
-def _decode_error(exc: msgspec.DecodeError, prefix: str = "$") -> InvalidJson | InvalidPayload:
+def _decode_error(
+    exc: msgspec.DecodeError, body: bytes, prefix: str = "$"
+) -> InvalidJson | InvalidPayload:
     if isinstance(exc, msgspec.ValidationError):
+        # The typed decoder stops at the first wrong type, before it would see that the rest
+        # is not JSON at all; that is a different answer (invalid_json), so check.
+        try:
+            _ANY.decode(body)
+        except msgspec.DecodeError as syntax:
+            return InvalidJson(str(syntax))
         message = str(exc)
         if prefix != "$":
             if "- at `$" in message:
@@ -85,7 +94,7 @@ def decode(provider: str, body: bytes) -> BitfinexWebhook | CryptoSteroidInvoice
         if provider == "cryptosteroid":
             return _CRYPTOSTEROID.decode(body)
     except msgspec.DecodeError as exc:
-        raise _decode_error(exc) from None
+        raise _decode_error(exc, body) from None
     raise ValueError(f"not a per-order provider: {provider}")
 
 
@@ -114,7 +123,7 @@ def decode_cryptopos_data(data: bytes) -> CryptoPosInvoice:
     try:
         return _CRYPTOPOS_DATA.decode(data)
     except msgspec.DecodeError as exc:
-        raise _decode_error(exc, "$.data") from None
+        raise _decode_error(exc, data, "$.data") from None
 
 
 def order_id_of(notification: Notification) -> str | None:

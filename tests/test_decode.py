@@ -1,0 +1,193 @@
+"""Provider bodies into their Structs: exact decimals, every documented field, clear errors."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import msgspec
+import pytest
+
+from schemas.providers import BitfinexWebhook, CryptoSteroidInvoice
+from service.errors import InvalidJson, InvalidPayload
+from service.normalize import decode, decode_cryptopos_data, split_cryptopos
+from tests.fixtures_app import (
+    PII,
+    SEED_003,
+    bitfinex,
+    cryptopos_body,
+    cryptopos_data,
+    cryptosteroid,
+    encode,
+)
+
+
+def test_seed_003_example_decodes_with_exact_decimals() -> None:
+    hook = decode("bitfinex", SEED_003)
+    assert isinstance(hook, BitfinexWebhook)
+    assert hook.id == "a6761c8b-468f-40ad-a522-cc5e41c39757"
+    assert hook.orderId == "order123"
+    assert hook.type == "ECOMMERCE"
+    assert hook.t == 1612460165497
+    assert hook.amount == Decimal("2.5")
+    (entry,) = hook.invoices
+    assert str(entry.amount) == "0.00006262"
+    assert entry.payCurrency == "BTC"
+    assert entry.poolCurrency == "BTC"
+    assert hook.payment is not None
+    assert str(hook.payment.amount) == "0.00006262"
+    assert hook.payment.confirmations == 6
+    assert hook.payment.depositId == 1357996
+    assert hook.payment.created_at == "2021-01-06 21:16:28"
+    assert hook.payment.forceCompleted is None
+    assert hook.payment.amountDiff is None
+
+
+def test_bitfinex_optional_fields_lightning_ext_and_additional_payments() -> None:
+    extra = {
+        "txid": "tx-2",
+        "amount": 0.00001,
+        "currency": "BTC",
+        "method": "LNX",
+        "status": "COMPLETED",
+        "confirmations": 1,
+        "created_at": "2021-01-06 21:20:00",
+        "updated_at": "2021-01-06 21:20:05",
+        "ledgerId": 42,
+    }
+    body = bitfinex(
+        invoices=[
+            {
+                "amount": 0.00007,
+                "currency": "BTC",
+                "payCurrency": "LNX",
+                "poolCurrency": "BTC",
+                "address": "lnbc1...",
+                "ext": {"hash": "h", "payment_request": "lnbc1pr", "node_pub": "02ab"},
+            }
+        ],
+        additionalPayments=[extra],
+    )
+    body["payment"].update(forceCompleted=True, amountDiff="-0.00000738")
+    body["payment"]["additionalPayments"] = [extra]
+    hook = decode("bitfinex", encode(body))
+    assert isinstance(hook, BitfinexWebhook)
+    ext = hook.invoices[0].ext
+    assert ext is not None
+    assert (ext.hash, ext.payment_request, ext.node_pub) == ("h", "lnbc1pr", "02ab")
+    assert hook.payment is not None
+    assert hook.payment.forceCompleted is True
+    assert hook.payment.amountDiff == Decimal("-0.00000738")
+    assert hook.additionalPayments is not None
+    assert hook.additionalPayments[0].ledgerId == 42
+    assert str(hook.additionalPayments[0].amount) == "0.00001"
+    assert hook.payment.additionalPayments is not None
+
+
+def test_bitfinex_customer_info_is_not_decoded() -> None:
+    hook = decode("bitfinex", encode(bitfinex()))
+    text = msgspec.json.encode(hook).decode()
+    for value in PII:
+        assert value not in text
+
+
+def test_cryptosteroid_invoice_decodes_strings_to_decimals() -> None:
+    invoice = decode("cryptosteroid", encode(cryptosteroid()))
+    assert isinstance(invoice, CryptoSteroidInvoice)
+    assert invoice.fiatAmount == Decimal("100.00")
+    assert str(invoice.fiatAmount) == "100.00"
+    assert invoice.externalId == "order-42"
+    assert invoice.payment is not None
+    assert invoice.payment.net == Decimal("100.00")
+    assert invoice.payment.paid is not None
+    assert invoice.payment.paid.hash == ["h1", "h2"]
+    assert str(invoice.payment.paid.received) == "60.25"
+
+
+def test_cryptosteroid_without_payment_or_external_id() -> None:
+    invoice = decode("cryptosteroid", encode(cryptosteroid(payment=None, externalId=None)))
+    assert isinstance(invoice, CryptoSteroidInvoice)
+    assert invoice.payment is None
+    assert invoice.externalId is None
+
+
+def test_cryptopos_split_gives_exact_data_bytes() -> None:
+    body = cryptopos_body(indent=4)
+    signature, data = split_cryptopos(body)
+    assert signature is not None
+    assert data == json.dumps(cryptopos_data(), indent=4).encode()
+    invoice = decode_cryptopos_data(data)
+    assert invoice.id == "66da1bc34f03a871430c1a71"
+    assert str(invoice.transactions[0].amount) == "0.09999999999999999"
+    assert invoice.transactions[0].cryptoAmount == Decimal(100000)
+    assert invoice.client is not None
+    assert invoice.client.referenceID == "123test"
+    text = msgspec.json.encode(invoice).decode()
+    for value in PII:
+        assert value not in text
+
+
+@pytest.mark.parametrize(
+    ("body", "signature", "has_data"),
+    [
+        (b'{"data": {}}', None, True),
+        (b'{"signature": 12, "data": {}}', None, True),
+        (b'{"signature": "ab"}', "ab", False),
+        (b"[1, 2]", None, False),
+        (b'"just a string"', None, False),
+    ],
+)
+def test_cryptopos_split_tolerates_missing_parts(
+    body: bytes, signature: str | None, has_data: bool
+) -> None:
+    got_signature, data = split_cryptopos(body)
+    assert got_signature == signature
+    assert bool(data) == has_data
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"not json", b'{"signature": "a",}', b"{} {}"])
+def test_cryptopos_split_refuses_non_json(body: bytes) -> None:
+    with pytest.raises(InvalidJson):
+        split_cryptopos(body)
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"\xff\xfe", b'{"id": 1,}', b"null x"])
+def test_malformed_json_is_invalid_json(body: bytes) -> None:
+    with pytest.raises(InvalidJson, match=r"malformed|truncated|Input data"):
+        decode("bitfinex", body)
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"amount": "lots"}, "$.amount"),
+        ({"t": "yesterday"}, "$.t"),
+        ({"invoices": [{"amount": 1}]}, "$.invoices[0]"),
+        (
+            {"payment": {"txid": "x", "amount": 1, "currency": "BTC", "confirmations": "six"}},
+            "$.payment.confirmations",
+        ),
+    ],
+)
+def test_wrong_field_type_is_invalid_payload_naming_the_path(
+    change: dict[str, object], path: str
+) -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        decode("bitfinex", encode(bitfinex(**change)))
+    assert f"`{path}`" in caught.value.detail
+
+
+def test_missing_field_is_invalid_payload_naming_it() -> None:
+    body = bitfinex()
+    del body["status"]
+    with pytest.raises(InvalidPayload, match="status"):
+        decode("bitfinex", encode(body))
+
+
+def test_cryptopos_data_errors_are_reported_from_the_body_root() -> None:
+    with pytest.raises(InvalidPayload) as caught:
+        decode_cryptopos_data(json.dumps(cryptopos_data(total="x")).encode())
+    assert "`$.data.total`" in caught.value.detail
+    with pytest.raises(InvalidPayload) as caught:
+        decode_cryptopos_data(b"[]")
+    assert "`$.data`" in caught.value.detail
