@@ -7,9 +7,12 @@ signs inside the body, so its envelope is split (not decoded) first.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import re
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from service.normalize import (
 )
 from service.publish import Publisher, ensure_topics
 from service.settings import Settings
+from service.spool import Spool, drain_forever
 
 log = structlog.get_logger("payhook.http")
 
@@ -53,6 +57,7 @@ class Lifecycle:
 SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", IngestMetrics)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
+SPOOL: Final = web.AppKey("spool", Spool)
 LIMITER: Final = web.AppKey("limiter", FailureLimiter)
 LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
 
@@ -177,9 +182,11 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].shutting_down:
         metrics.ready.set(0)
         return _json(503, {"status": "shutting_down"})
-    if not await request.app[PUBLISHER].ready():
+    # Either path makes an event durable: Kafka, or the spool while it has room for one more.
+    room = request.app[SPOOL].has_room(request.app[SETTINGS].max_body_bytes)
+    if not room and not await request.app[PUBLISHER].ready():
         metrics.ready.set(0)
-        return _json(503, {"status": "kafka_unreachable"})
+        return _json(503, {"status": "unavailable"})
     metrics.ready.set(1)
     return _json(200, {"status": "ready"})
 
@@ -261,6 +268,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 # --- the application --------------------------------------------------------------------------
 
 
+async def _spool(app: web.Application) -> AsyncIterator[None]:
+    """Opened first and closed last: what a previous process left is recovered here, and a
+    request that times out on Kafka during shutdown can still be spooled."""
+    spool = app[SPOOL]
+    await spool.start()
+    yield
+    await spool.close()
+
+
 async def _kafka(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     for topic, problem in (await ensure_topics(settings, within=5.0)).items():
@@ -269,7 +285,16 @@ async def _kafka(app: web.Application) -> AsyncIterator[None]:
     publisher = app[PUBLISHER]
     await publisher.start()
     yield
-    await publisher.close()
+    await publisher.close(within=settings.publish_timeout)
+
+
+async def _drainer(app: web.Application) -> AsyncIterator[None]:
+    """Republishes spooled events (a previous process's included) whenever Kafka answers."""
+    task = asyncio.create_task(drain_forever(app[SPOOL], app[PUBLISHER]), name="spool-drainer")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _on_shutdown(app: web.Application) -> None:
@@ -282,10 +307,13 @@ def create_app(settings: Settings) -> web.Application:
     metrics = IngestMetrics()
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[PUBLISHER] = Publisher(settings, metrics)
+    app[SPOOL] = Spool(settings.spool_dir, settings.spool_max_bytes, metrics=metrics)
+    app[PUBLISHER] = Publisher(settings, metrics, app[SPOOL])
     app[LIMITER] = FailureLimiter(settings.auth_failure_budget)
     app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.append(_spool)
     app.cleanup_ctx.append(_kafka)
+    app.cleanup_ctx.append(_drainer)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_route("*", "/v1/webhooks/{provider}/{order_id}", per_order_webhook)
     app.router.add_route("*", "/v1/webhooks/{provider}", merchant_webhook)
@@ -295,12 +323,40 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+# How long /readyz answers 503 before the listener closes, so a load balancer polling it stops
+# sending new requests first (Kubernetes deployments add a preStop delay for the rest).
+READINESS_GRACE: Final = 1.0
+
+
+def _raise_graceful_exit() -> None:
+    raise web.GracefulExit()
+
+
+async def _readiness_first_on_sigterm(app: web.Application) -> None:
+    """Replaces run_app's SIGTERM handler: /readyz turns 503 first, then run_app's graceful
+    exit stops the listener, waits for in-flight requests (``shutdown_timeout``), flushes the
+    producer and closes the spool."""
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm() -> None:
+        if app[LIFECYCLE].shutting_down:
+            return
+        app[LIFECYCLE].shutting_down = True
+        app[METRICS].ready.set(0)
+        log.info("shutdown_requested", readiness_grace=READINESS_GRACE)
+        loop.call_later(READINESS_GRACE, _raise_graceful_exit)
+
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+
+
 def serve(settings: Settings) -> None:
     """``payhook serve``: runs until SIGINT/SIGTERM, then drains in-flight requests."""
     configure_logging(settings.log_format)
     log.info("serving", host=settings.http_host, port=settings.http_port)
+    app = create_app(settings)
+    app.on_startup.append(_readiness_first_on_sigterm)
     web.run_app(
-        create_app(settings),
+        app,
         host=settings.http_host,
         port=settings.http_port,
         shutdown_timeout=settings.shutdown_timeout,

@@ -2,6 +2,15 @@
 
 :meth:`Publisher.publish` is the one place that decides whether an event is safe; the HTTP
 handler answers 2xx only after it returns, and 503 when it raises :class:`Unavailable`.
+
+With a spool (``payhook serve`` always has one), an event Kafka has not acknowledged within
+``publish_timeout`` is fsynced to the spool instead, and a drainer republishes it
+(:meth:`Publisher.publish_spooled`). Order: while the spool holds anything, new events join
+its tail rather than overtaking it on the direct path, so Kafka receives events in the order
+they were accepted (per invoice, which is what the consumer relies on; across the moment the
+spool starts, an event still waiting for its ack can land after the first spooled one). An
+event whose send timed out may still be delivered by the producer later: it then appears
+twice on the topic with the same ``event-id`` header, and the consumer drops the repeat.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Final, final
 
 import msgspec
@@ -21,6 +31,7 @@ from schemas.events import InvoiceEvent
 from service.errors import Unavailable
 from service.metrics import IngestMetrics
 from service.settings import Settings
+from service.spool import Spool, SpooledEvent
 
 log = structlog.get_logger("payhook.publish")
 
@@ -53,13 +64,20 @@ class Publisher:
     until it connects, and ``publish`` answers :class:`Unavailable` meanwhile.
     """
 
-    def __init__(self, settings: Settings, metrics: IngestMetrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: IngestMetrics | None = None, spool: Spool | None = None
+    ) -> None:
         self._settings = settings
         self._topic = settings.events_topic
         self._producer: AIOKafkaProducer | None = None
         self._connector: asyncio.Task[None] | None = None
+        self._spool = spool
+        # A restarted Tansu loses its topics and drops what it acks while auto-creating them:
+        # the drainer creates them again before republishing after any failure.
+        self._topics_ready = False
         metrics = metrics or IngestMetrics()
         self._to_kafka = metrics.publish_latency.labels("kafka")
+        self._to_spool = metrics.publish_latency.labels("spool")
         self._failed = metrics.publish_latency.labels("failed")
 
     @property
@@ -101,7 +119,7 @@ class Publisher:
         if not await self._try_start():
             self._connector = asyncio.create_task(self._keep_connecting())
 
-    async def close(self) -> None:
+    async def close(self, within: float | None = None) -> None:
         if self._connector is not None:
             self._connector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -109,8 +127,13 @@ class Publisher:
             self._connector = None
         producer, self._producer = self._producer, None
         if producer is not None:
-            # Flushes what is queued; every request still waiting on it is answered.
-            await producer.stop()
+            # Flushes what is queued; every request still waiting on it is answered. Bounded:
+            # with the broker gone, what could not be flushed is in the spool already.
+            try:
+                async with asyncio.timeout(within):
+                    await producer.stop()
+            except TimeoutError:
+                log.warning("producer_flush_timeout", within=within)
 
     async def publish(self, event: InvoiceEvent) -> None:
         """Returns once the event is durable (acknowledged by all in-sync replicas).
@@ -119,11 +142,15 @@ class Publisher:
         ``publish_timeout``; the event may still arrive later, and its repeat has the same
         ``event_id``, which the consumer drops.
         """
+        started = time.perf_counter()
         producer = self._producer
+        spool = self._spool
+        if spool is not None and (producer is None or spool.holds_events):
+            await self._spool_event(spool, event, started)
+            return
         if producer is None:
             self._failed.observe(0)
             raise Unavailable("event store is not reachable", _RETRY_AFTER_SECONDS)
-        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._settings.publish_timeout):
                 delivery = await producer.send(
@@ -134,12 +161,59 @@ class Publisher:
                 )
                 await delivery
         except (TimeoutError, KafkaError) as exc:
-            self._failed.observe(time.perf_counter() - started)
+            self._topics_ready = False
             log.warning("publish_failed", error=type(exc).__name__, event_id=event.event_id)
+            if spool is not None:
+                await self._spool_event(spool, event, started)
+                return
+            self._failed.observe(time.perf_counter() - started)
             raise Unavailable(
                 "the event could not be stored; retry later", _RETRY_AFTER_SECONDS
             ) from None
         self._to_kafka.observe(time.perf_counter() - started)
+
+    async def _spool_event(self, spool: Spool, event: InvoiceEvent, started: float) -> None:
+        spooled = SpooledEvent(
+            key=event_key(event),
+            value=_ENCODER.encode(event),
+            headers=tuple(event_headers(event)),
+            spooled_at=time.time(),
+        )
+        try:
+            await spool.append(spooled)  # fsynced when it returns
+        except Unavailable:
+            self._failed.observe(time.perf_counter() - started)
+            log.error("spool_refused", event_id=event.event_id, depth=spool.depth)
+            raise
+        self._to_spool.observe(time.perf_counter() - started)
+
+    async def publish_spooled(self, events: Sequence[SpooledEvent]) -> None:
+        """The drainer's sink: sends ``events`` in order and returns once all are acknowledged.
+
+        Raises Unavailable or KafkaError (the drainer retries the same batch later).
+        """
+        producer = self._producer
+        if producer is None:
+            raise Unavailable("event store is not reachable")
+        if not self._topics_ready:
+            problems = {t: p for t, p in (await ensure_topics(self._settings)).items() if p}
+            if problems:
+                raise Unavailable(f"topics not ready: {problems}")
+            self._topics_ready = True
+        try:
+            async with asyncio.timeout(max(self._settings.publish_timeout, 5.0)):
+                deliveries = [
+                    await producer.send(
+                        self._topic, value=e.value, key=e.key, headers=list(e.headers)
+                    )
+                    for e in events
+                ]
+                for outcome in await asyncio.gather(*deliveries, return_exceptions=True):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+        except (TimeoutError, KafkaError):
+            self._topics_ready = False
+            raise
 
     async def ready(self, within: float = 1.0) -> bool:
         """Kafka answers a metadata request now."""
