@@ -17,8 +17,12 @@ from typing import Any
 import structlog
 
 
-def configure_logging(log_format: str = "json", level: int = logging.INFO) -> None:
-    """Configures structlog and the root logger for this process (idempotent)."""
+def configure_logging(
+    log_format: str = "json", level: int = logging.INFO, *, cache: bool = True
+) -> None:
+    """Configures structlog and the root logger for this process (idempotent).
+
+    ``cache=False`` keeps loggers reconfigurable (tests that switch configurations)."""
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -39,7 +43,7 @@ def configure_logging(log_format: str = "json", level: int = logging.INFO) -> No
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=cache,
     )
 
     handler = logging.StreamHandler(sys.stderr)

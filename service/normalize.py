@@ -64,6 +64,8 @@ _CRYPTOPOS_DATA: Final = msgspec.json.Decoder(CryptoPosInvoice)
 _CRYPTOPOS_ENVELOPE: Final = msgspec.json.Decoder(_CryptoPosEnvelope)
 _STR: Final = msgspec.json.Decoder(str)
 _ANY: Final = msgspec.json.Decoder()
+# msgspec refuses nesting deeper than the interpreter's recursion limit with RecursionError.
+_TOO_DEEP: Final = "JSON is nested too deeply"
 
 
 def _decode_error(
@@ -76,6 +78,8 @@ def _decode_error(
             _ANY.decode(body)
         except msgspec.DecodeError as syntax:
             return InvalidJson(str(syntax))
+        except RecursionError:
+            return InvalidJson(_TOO_DEEP)
         message = str(exc)
         if prefix != "$":
             if "- at `$" in message:
@@ -95,6 +99,8 @@ def decode(provider: str, body: bytes) -> BitfinexWebhook | CryptoSteroidInvoice
             return _CRYPTOSTEROID.decode(body)
     except msgspec.DecodeError as exc:
         raise _decode_error(exc, body) from None
+    except RecursionError:
+        raise InvalidJson(_TOO_DEEP) from None
     raise ValueError(f"not a per-order provider: {provider}")
 
 
@@ -108,6 +114,8 @@ def split_cryptopos(body: bytes) -> tuple[str | None, bytes]:
         return None, b""
     except msgspec.DecodeError as exc:
         raise InvalidJson(str(exc)) from None
+    except RecursionError:
+        raise InvalidJson(_TOO_DEEP) from None
     signature: str | None = None
     if envelope.signature:
         try:
@@ -124,6 +132,8 @@ def decode_cryptopos_data(data: bytes) -> CryptoPosInvoice:
         return _CRYPTOPOS_DATA.decode(data)
     except msgspec.DecodeError as exc:
         raise _decode_error(exc, data, "$.data") from None
+    except RecursionError:
+        raise InvalidJson(_TOO_DEEP) from None
 
 
 def order_id_of(notification: Notification) -> str | None:

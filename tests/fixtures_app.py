@@ -165,8 +165,11 @@ async def app_client() -> AsyncIterator[ClientFactory]:
 
 @pytest.fixture
 def offline_settings(settings_factory: SettingsFactory) -> Settings:
-    """Settings whose Kafka is a port nobody listens on: every publish is Unavailable."""
-    return settings_factory(kafka_bootstrap=f"127.0.0.1:{free_port()}", publish_timeout=0.5)
+    """Settings whose Kafka is a port nobody listens on and whose spool has no room: every
+    publish is Unavailable (503), which proves a request passed every earlier check."""
+    return settings_factory(
+        kafka_bootstrap=f"127.0.0.1:{free_port()}", publish_timeout=0.5, spool_max_bytes=1
+    )
 
 
 @pytest.fixture

@@ -191,3 +191,15 @@ def test_cryptopos_data_errors_are_reported_from_the_body_root() -> None:
     with pytest.raises(InvalidPayload) as caught:
         decode_cryptopos_data(b"[]")
     assert "`$.data`" in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "body", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 5000 + b"1" + b"}" * 5000]
+)
+def test_deep_nesting_is_invalid_json_not_a_crash(body: bytes) -> None:
+    with pytest.raises(InvalidJson, match="nested too deeply"):
+        decode("bitfinex", body)
+    with pytest.raises(InvalidJson, match="nested too deeply"):
+        split_cryptopos(b'{"signature": "ab", "data": ' + body + b"}")
+    with pytest.raises(InvalidJson, match="nested too deeply"):
+        decode_cryptopos_data(body)

@@ -1,0 +1,124 @@
+"""Log lines as data: one summary per request, a request id, never a secret or customer data."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp.test_utils import TestClient
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+
+from service.logs import configure_logging
+from service.settings import Settings
+from tests.fixtures_app import PII, ClientFactory, bitfinex, cryptopos_body, encode, token_for
+
+Client = TestClient[Any, Any]
+JSON = {"Content-Type": "application/json"}
+
+
+def requests_in(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [entry for entry in logs if entry["event"] == "request"]
+
+
+async def test_one_summary_line_per_request_without_token_or_pii(
+    app_client: ClientFactory, kafka_settings: Settings
+) -> None:
+    client = await app_client(kafka_settings)
+    token = token_for(kafka_settings, "bitfinex", "order123")
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        accepted = await client.post(
+            "/v1/webhooks/bitfinex/order123",
+            data=encode(bitfinex()),
+            params={"token": token},
+            headers=JSON,
+        )
+        refused = await client.post(
+            "/v1/webhooks/bitfinex/order123",
+            data=encode(bitfinex()),
+            params={"token": token + "x"},
+            headers={**JSON, "Token": "header-secret-value"},
+        )
+        await client.post("/v1/webhooks/cryptopos", data=cryptopos_body(), headers=JSON)
+    assert (accepted.status, refused.status) == (200, 401)
+    lines = requests_in(logs)
+    assert len(lines) == 3
+    first, second, third = lines
+    assert first["status"] == 200
+    assert first["provider"] == "bitfinex"
+    assert first["path"] == "/v1/webhooks/bitfinex/order123"
+    assert first["event_id"] == (await accepted.json())["event_id"]
+    assert first["error"] is None
+    assert second["error"] == "unauthorized"
+    assert "event_id" not in second  # context of the previous request does not leak
+    assert third["provider"] == "cryptopos"
+    assert len({line["request_id"] for line in lines}) == 3
+    assert accepted.headers["X-Request-Id"] == first["request_id"]
+
+    everything = repr(logs)
+    assert token not in everything
+    assert token.split(".")[1][:12] not in everything
+    assert "header-secret-value" not in everything
+    assert "cryptopos-merchant-secret" not in everything
+    assert json.loads(cryptopos_body())["signature"] not in everything
+    for value in PII:
+        assert value not in everything
+
+
+async def test_request_id_is_taken_from_the_caller_when_sane(
+    app_client: ClientFactory, kafka_settings: Settings
+) -> None:
+    client = await app_client(kafka_settings)
+    with capture_logs(processors=[merge_contextvars]) as logs:
+        kept = await client.get("/healthz", headers={"X-Request-Id": "abc-123"})
+        replaced = await client.get("/healthz", headers={"X-Request-Id": "bad id\twith spaces"})
+    assert kept.headers["X-Request-Id"] == "abc-123"
+    assert replaced.headers["X-Request-Id"] != "bad id\twith spaces"
+    assert [line["request_id"] for line in requests_in(logs)] == [
+        "abc-123",
+        replaced.headers["X-Request-Id"],
+    ]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").disabled = False
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_json_lines_carry_context_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("json", cache=False)
+    log = structlog.get_logger("test")
+    with structlog.contextvars.bound_contextvars(request_id="r-1"):
+        log.info("hello", n=1)
+    logging.getLogger("aiokafka").warning("from the standard library %s", "too")
+    logging.getLogger("aiokafka").info("below the library threshold")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 2
+    assert lines[0]["event"] == "hello"
+    assert lines[0]["request_id"] == "r-1"
+    assert lines[0]["level"] == "info"
+    assert lines[0]["timestamp"].endswith("Z")
+    assert lines[1]["event"] == "from the standard library too"
+    assert lines[1]["logger"] == "aiokafka"
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_console_format_is_for_humans(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("console", cache=False)
+    structlog.get_logger("test").info("hello", n=1)
+    err = capsys.readouterr().err
+    assert "hello" in err
+    assert "n=1" in err
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(err)
