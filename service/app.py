@@ -122,7 +122,8 @@ def _refuse(request: web.Request) -> errors.PayhookError:
 
 
 async def _accept(request: web.Request, event: InvoiceEvent) -> web.Response:
-    request["event_id"] = event.event_id
+    # The request's summary line names the event (it reads the context variables).
+    structlog.contextvars.bind_contextvars(event_id=event.event_id)
     await request.app[PUBLISHER].publish(event)
     body = b'{"status":"accepted","event_id":"' + event.event_id.encode() + b'"}'
     return web.Response(body=body, content_type=_JSON)
@@ -259,7 +260,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         status=response.status,
         error=error,
         provider=provider,
-        event_id=request.get("event_id"),
         duration_ms=round(elapsed * 1000, 3),
     )
     return response
