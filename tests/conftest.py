@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures_kafka",
     "tests.fixtures_app",
     "tests.fixtures_postgres",
+    "tests.fixtures_monitoring",
 ]
