@@ -30,8 +30,8 @@ test: setup promtool
 	$(BIN)/pytest -q -p no:cacheprovider
 
 check: setup
-	$(BIN)/ruff check service schemas tests bench
-	$(BIN)/ruff format --check service schemas tests bench
+	$(BIN)/ruff check service schemas tests bench faults
+	$(BIN)/ruff format --check service schemas tests bench faults
 	$(BIN)/mypy
 
 schemas: setup
