@@ -81,7 +81,7 @@ class LocalBroker:
                 start_new_session=True,
             )
         finally:
-            if out is not subprocess.DEVNULL:
+            if not isinstance(out, int):
                 out.close()
         wait_for_port(self.port)
 
