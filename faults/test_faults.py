@@ -52,7 +52,7 @@ async def store_grows(cluster: Cluster, minimum: int, within: float) -> None:
             return
         before = now
         assert time.monotonic() < deadline, "the consumer is not storing anything"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.002)  # a tight poll: the commit follows the store in milliseconds
 
 
 async def finish(
