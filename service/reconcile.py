@@ -366,31 +366,46 @@ def apply_all(
     return state, outcomes
 
 
+BatchOutcome = Literal["duplicate", "unchanged", "changed", "invalid"]
+
+
 @final
 class BatchResult(msgspec.Struct):
-    """What a batch of events did: changed states, settlements to publish, outcomes."""
+    """What a batch of events did: changed states, settlements to publish, outcomes (one per
+    event, in order) and why each ``invalid`` one could not be reconciled."""
 
     states: dict[str, InvoiceState]
     settlements: dict[str, Settlement]
-    outcomes: list[Outcome]
+    outcomes: list[BatchOutcome]
+    rejected: dict[int, str]
 
 
 def apply_batch(
     states: Mapping[str, InvoiceState], events: Iterable[InvoiceEvent], now: datetime
 ) -> BatchResult:
     """Applies validated events in order to the invoices' current ``states`` (absent: never
-    seen). Only the latest new settlement version of each invoice is to be published."""
+    seen). Only the latest new settlement version of each invoice is to be published. An event
+    that cannot be reconciled (an amount beyond exact arithmetic) is ``invalid`` and changes
+    nothing; the rest of the batch goes on."""
     current: dict[str, InvoiceState] = dict(states)
     changed: dict[str, InvoiceState] = {}
     settlements: dict[str, Settlement] = {}
-    outcomes: list[Outcome] = []
-    for event in events:
+    outcomes: list[BatchOutcome] = []
+    rejected: dict[int, str] = {}
+    for index, event in enumerate(events):
         key = invoice_key(event.provider, event.invoice_id)
-        applied = apply(current.get(key), event, now)
+        try:
+            applied = apply(current.get(key), event, now)
+        except (ArithmeticError, ValueError, TypeError) as exc:
+            outcomes.append("invalid")
+            rejected[index] = f"cannot reconcile: {type(exc).__name__}"
+            continue
         outcomes.append(applied.outcome)
         if applied.outcome == "duplicate":
             continue
         current[key] = changed[key] = applied.state
         if applied.outcome == "changed":
             settlements[key] = applied.state.settlement
-    return BatchResult(states=changed, settlements=settlements, outcomes=outcomes)
+    return BatchResult(
+        states=changed, settlements=settlements, outcomes=outcomes, rejected=rejected
+    )

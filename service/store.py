@@ -59,6 +59,14 @@ _state_encoder: Final = msgspec.json.Encoder()
 _state_decoder: Final = msgspec.json.Decoder(InvoiceState)
 _settlement_encoder: Final = msgspec.json.Encoder()
 
+# Failures that may pass (a database restarting, a lock held too long): retry the batch.
+TRANSIENT_ERRORS: Final[tuple[type[Exception], ...]] = (
+    sqlite3.OperationalError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+)
+
 # (key, version) of a settlement version already published.
 Published = tuple[str, int]
 

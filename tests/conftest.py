@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures_app",
     "tests.fixtures_postgres",
     "tests.fixtures_monitoring",
+    "tests.fixtures_consume",
 ]

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from schemas.events import InvoiceEvent, Settlement
-from service.reconcile import InvoiceState, Outcome, apply_batch
+from service.reconcile import BatchOutcome, InvoiceState, apply_batch
 from service.store import Published, Store, StoreError, Writes, open_store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -47,7 +47,7 @@ def ev(n: int, *, invoice_id: str = "inv-1", status: str = "pending") -> Invoice
 
 @dataclass(slots=True)
 class BatchWrites(Writes):
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[BatchOutcome] = field(default_factory=list)
 
 
 def reconciling(

@@ -1,0 +1,468 @@
+"""``payhook consume``: invoice events in, settlements out.
+
+One batch at a time: ``getmany`` -> decode and validate (undecodable or invalid records go to
+the DLQ) -> one store transaction (dedupe by ``event_id``, reconcile, states + outbox) ->
+publish the batch's new settlement versions and DLQ records with ``acks=all`` -> commit the
+offsets. Offsets are committed only after both the store transaction and the publish, so a
+crash anywhere reprocesses the batch, and idempotency makes that harmless. A settlement version
+stored but not published when the process died waits in the outbox and is published at the next
+start.
+
+Kafka clients that stop making progress (a commit that does not return in time: the local
+broker hangs commits after a restart) or fail are thrown away and recreated; their records are
+redelivered from the last commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, final
+
+import msgspec
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+
+from schemas.events import InvoiceEvent
+from service.metrics import CONTENT_TYPE, ConsumerMetrics
+from service.publish import ensure_topics
+from service.reconcile import (
+    BatchOutcome,
+    InvalidEvent,
+    InvoiceState,
+    apply_batch,
+    invoice_key,
+    validate,
+)
+from service.settings import Settings
+from service.store import TRANSIENT_ERRORS, Published, Store, Writes, open_store
+
+log = structlog.get_logger("payhook.consume")
+
+_decoder: Final = msgspec.json.Decoder(InvoiceEvent)
+_encoder: Final = msgspec.json.Encoder()
+_RETRY_SECONDS: Final = 1.0
+_DLQ_ERROR_MAX: Final = 500  # header bytes: msgspec's message names the field, that is enough
+
+
+class Stalled(RuntimeError):
+    """The Kafka consumer stopped making progress (a commit did not return in time)."""
+
+
+@dataclass(slots=True)
+class _BatchWrites(Writes):
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+@final
+@dataclass(slots=True)
+class BatchReport:
+    """What one batch did (for the summary log line and for tests)."""
+
+    records: int = 0
+    processed: int = 0
+    duplicates: int = 0
+    dlq: int = 0
+    settlements: int = 0
+
+
+@final
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: Consumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        # Let the batch in flight finish and commit before the partitions move.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._owner.settings.commit_timeout):
+                async with self._owner.batch_lock:
+                    pass
+        for tp in revoked:
+            with contextlib.suppress(KeyError):
+                self._owner.metrics.lag.remove(tp.topic, str(tp.partition))
+        self._owner.assigned.clear()
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        if assigned:
+            self._owner.assigned.set()
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+async def _bounded(awaitable: Awaitable[Any], seconds: float) -> bool:
+    """Waits at most ``seconds``; True when done. A hung call is left behind, not awaited."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        return False
+    task.result()
+    return True
+
+
+@final
+class Consumer:
+    """The reconciling consumer. ``run(stop)`` until ``stop`` is set; then it finishes the batch
+    in flight, commits, and closes everything it opened."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ConsumerMetrics | None = None,
+        *,
+        store: Store | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or ConsumerMetrics()
+        self.batch_lock = asyncio.Lock()
+        self.assigned = asyncio.Event()
+        self.ready = False
+        self._store = store
+        self._own_store = store is None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._published: list[Published] = []
+        self.batches = 0
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise RuntimeError("consumer not started")
+        return self._store
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            if self._store is None:
+                self._store = await open_store(self.settings.store_url)
+            while not stop.is_set():
+                try:
+                    # Nothing in connecting may hang: a broker that is half up must not stall us.
+                    async with asyncio.timeout(self.settings.commit_timeout * 3):
+                        await self._connect()
+                    log.info("consumer_connected")
+                    self.ready = True
+                    self.metrics.ready.set(1)
+                    await self._consume(stop)
+                except (KafkaError, Stalled, TimeoutError, *TRANSIENT_ERRORS) as exc:
+                    self.ready = False
+                    self.metrics.ready.set(0)
+                    self.metrics.consumer_restarts.inc()
+                    log.warning("consumer_restart", reason=type(exc).__name__, detail=str(exc))
+                    await self._disconnect()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_RETRY_SECONDS):
+                            await stop.wait()
+        finally:
+            self.ready = False
+            self.metrics.ready.set(0)
+            await self._disconnect()
+            if self._store is not None:
+                with contextlib.suppress(*TRANSIENT_ERRORS):
+                    await self.store.mark_published(self._published)
+                self._published = []
+                if self._own_store:
+                    await self._store.close()
+                    self._store = None
+
+    async def _connect(self) -> None:
+        settings = self.settings
+        failed = {t: e for t, e in (await ensure_topics(settings)).items() if e is not None}
+        if failed:
+            raise KafkaError(f"topics not ready: {failed}")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id="payhook-consumer",
+            acks="all",
+            enable_idempotence=settings.kafka_idempotence,
+            linger_ms=5,
+            max_batch_size=512 * 1024,
+            request_timeout_ms=int(settings.commit_timeout * 1000),
+        )
+        await producer.start()
+        self._producer = producer
+        await self._publish_outbox()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.kafka_bootstrap,
+            client_id="payhook-consumer",
+            group_id=settings.consumer_group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=settings.consumer_session_timeout_ms,
+            heartbeat_interval_ms=max(100, settings.consumer_session_timeout_ms // 4),
+            fetch_max_wait_ms=100,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        consumer.subscribe([settings.events_topic], listener=_Rebalance(self))
+        self._consumer = consumer
+        await consumer.start()
+
+    async def _disconnect(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        producer, self._producer = self._producer, None
+        timeout = self.settings.commit_timeout
+        self.assigned.clear()
+        if consumer is not None and not await _bounded(consumer.stop(), timeout):
+            log.warning("consumer_stop_timeout")
+        if producer is not None and not await _bounded(producer.stop(), timeout):
+            log.warning("producer_stop_timeout")
+
+    async def _publish_outbox(self) -> None:
+        """Publishes every settlement version stored but not yet published (after a crash)."""
+        items = await self.store.unpublished()
+        if not items:
+            return
+        producer = self._require_producer()
+        futures = [
+            await producer.send(
+                self.settings.settlements_topic, value=item.settlement, key=item.key.encode()
+            )
+            for item in items
+        ]
+        async with asyncio.timeout(self.settings.commit_timeout):
+            await asyncio.gather(*futures)
+        await self.store.mark_published([(i.key, i.version) for i in items])
+        log.info("outbox_published", settlements=len(items))
+
+    def _require_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise KafkaError("producer not connected")
+        return self._producer
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        while not stop.is_set():
+            batch = await consumer.getmany(
+                timeout_ms=200, max_records=self.settings.consumer_batch_max
+            )
+            if batch:
+                async with self.batch_lock:
+                    await self.handle(consumer, batch)
+
+    async def handle(
+        self,
+        consumer: AIOKafkaConsumer,
+        batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]],
+    ) -> BatchReport:
+        started = time.perf_counter()
+        report = BatchReport()
+        producer = self._require_producer()
+        settings = self.settings
+        events: list[InvoiceEvent] = []
+        sources: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = []
+        poison: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes], str]] = []
+        decode = _decoder.decode
+        for tp, records in batch.items():
+            report.records += len(records)
+            for record in records:
+                try:
+                    if record.value is None:
+                        raise InvalidEvent("record has no value")
+                    event = decode(record.value)
+                    validate(event, record.key)
+                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                    poison.append((tp, record, f"undecodable: {exc}"))
+                except InvalidEvent as exc:
+                    poison.append((tp, record, f"invalid: {exc}"))
+                else:
+                    events.append(event)
+                    sources.append((tp, record))
+
+        now = datetime.now(UTC)
+
+        def update(states: Mapping[str, InvoiceState]) -> _BatchWrites:
+            result = apply_batch(states, events, now)
+            return _BatchWrites(
+                states=result.states,
+                outbox=result.settlements,
+                outcomes=result.outcomes,
+                rejected=result.rejected,
+            )
+
+        keys = {invoice_key(e.provider, e.invoice_id) for e in events}
+        writes = await self.store.transact(keys, update, self._published)
+        self._published = []
+        for index, reason in writes.rejected.items():
+            tp, record = sources[index]
+            poison.append((tp, record, reason))
+
+        futures = []
+        for tp, record, reason in poison:
+            headers = [
+                *(record.headers or ()),
+                ("error", reason[:_DLQ_ERROR_MAX].encode()),
+                ("source-topic", tp.topic.encode()),
+                ("source-partition", str(tp.partition).encode()),
+                ("source-offset", str(record.offset).encode()),
+            ]
+            futures.append(
+                await producer.send(
+                    settings.dlq_topic, value=record.value, key=record.key, headers=headers
+                )
+            )
+        for key, settlement in writes.outbox.items():
+            futures.append(
+                await producer.send(
+                    settings.settlements_topic,
+                    value=_encoder.encode(settlement),
+                    key=key.encode(),
+                )
+            )
+        async with asyncio.timeout(settings.commit_timeout):
+            await asyncio.gather(*futures)
+        published_at = datetime.now(UTC)
+        self._published = [(k, s.version) for k, s in writes.outbox.items()]
+
+        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+        await self._commit(consumer, offsets)
+
+        # Metrics and the summary line, once everything is durable.
+        received = {e.event_id: e.received_at for e in events}
+        m = self.metrics
+        for outcome in writes.outcomes:
+            if outcome == "duplicate":
+                report.duplicates += 1
+            elif outcome != "invalid":
+                report.processed += 1
+        report.dlq = len(poison)
+        report.settlements = len(writes.outbox)
+        m.events.labels("processed").inc(report.processed)
+        m.events.labels("duplicate").inc(report.duplicates)
+        m.events.labels("dlq").inc(report.dlq)
+        for settlement in writes.outbox.values():
+            m.settlements.labels(settlement.state).inc()
+            if settlement.discrepancy:
+                m.discrepancies.labels(settlement.provider).inc()
+            at = received.get(settlement.last_event_id)
+            if at is not None:
+                m.e2e_latency.observe(max(0.0, (published_at - at).total_seconds()))
+        for tp, next_offset in offsets.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                m.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+        duration = time.perf_counter() - started
+        m.batch_duration.observe(duration)
+        self.batches += 1
+        log.info(
+            "batch",
+            records=report.records,
+            processed=report.processed,
+            duplicates=report.duplicates,
+            dlq=report.dlq,
+            settlements=report.settlements,
+            duration_ms=round(duration * 1000, 1),
+        )
+        return report
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        try:
+            done = await _bounded(consumer.commit(dict(offsets)), self.settings.commit_timeout)
+        except CommitFailedError:
+            # The group rebalanced: these records will be redelivered, harmlessly.
+            log.warning("commit_failed_rebalanced")
+            return
+        if not done:
+            raise Stalled(f"commit did not return within {self.settings.commit_timeout}s")
+
+
+# --- probes and the process -------------------------------------------------------------------
+
+CONSUMER_KEY: Final = web.AppKey("consumer", Consumer)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[CONSUMER_KEY].ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "unavailable"}, status=503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[CONSUMER_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def create_probe_app(consumer: Consumer) -> web.Application:
+    """``/healthz``, ``/readyz`` and ``/metrics`` of the consumer."""
+    app = web.Application()
+    app[CONSUMER_KEY] = consumer
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> int:
+    """Runs the consumer and its probes until ``stop``; 0 after a clean finish."""
+    consumer = Consumer(settings)
+    runner = web.AppRunner(create_probe_app(consumer), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.consumer_port)
+    await site.start()
+    task = asyncio.create_task(consumer.run(stop))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            # Stopped on its own: a fatal error (the store cannot be opened, say).
+            exc = task.exception()
+            log.error("consumer_failed", error=type(exc).__name__, detail=str(exc))
+            return 1
+        consumer.ready = False  # /readyz answers 503 from the first moment of shutdown
+        consumer.metrics.ready.set(0)
+        log.info("shutdown_started")
+        if not await _bounded(asyncio.shield(task), settings.shutdown_timeout):
+            log.error("shutdown_timeout", seconds=settings.shutdown_timeout)
+            task.cancel()
+            return 1
+        return 0
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await runner.cleanup()
+
+
+async def _main(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await serve(settings, stop)
+
+
+def run(settings: Settings) -> int:
+    """``payhook consume``: blocks until SIGTERM/SIGINT, then finishes the batch in flight,
+    commits and exits (0 when that took less than ``shutdown_timeout``)."""
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format)
+    return asyncio.run(_main(settings))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from service.settings import load_settings
+
+    sys.exit(run(load_settings(require_signing_keys=False)))

@@ -1,0 +1,402 @@
+"""The consumer against the real Tansu broker and real stores."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable, Collection, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from schemas.events import InvoiceEvent
+from service.devbroker import LocalBroker
+from service.publish import TOPIC_PARTITIONS, encode_event
+from service.reconcile import InvoiceState, apply_batch, invoice_key
+from service.settings import Settings
+from service.store import OutboxItem, Published, Store, W, Writes, open_store
+from tests.fixtures_consume import (
+    Record,
+    consumer_settings,
+    counter,
+    event_record,
+    latest_settlements,
+    produce,
+    read_topic,
+    running_consumer,
+    settlements_of,
+    wait_for,
+)
+
+T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+
+
+def bitfinex_event(
+    invoice_id: str,
+    n: int,
+    *,
+    status: str = "completed",
+    payments: Sequence[tuple[str, str]] = (),
+    expected: str | None = "0.001",
+) -> InvoiceEvent:
+    """A Bitfinex event; ``n`` orders it in provider time and makes its id unique."""
+    at = (T0 + timedelta(minutes=n)).isoformat()
+    return msgspec.convert(
+        {
+            "event_id": f"{invoice_id}-{n}-{status}",
+            "provider": "bitfinex",
+            "invoice_id": invoice_id,
+            "order_id": f"order-{invoice_id}",
+            "status": status,
+            "provider_status": status.upper(),
+            "amount": "50",
+            "currency": "USD",
+            "pay_currency": "BTC" if expected else None,
+            "expected_pay_amount": expected,
+            "payments": [
+                {"txid": tx, "amount": amount, "currency": "BTC", "created_at": at}
+                for tx, amount in payments
+            ],
+            "occurred_at": at,
+            "received_at": datetime.now(UTC).isoformat(),
+        },
+        InvoiceEvent,
+    )
+
+
+async def test_events_in_settlements_out(consume_settings: Settings) -> None:
+    s = consume_settings
+    paid = bitfinex_event("a", 1, payments=[("tx-a", "0.001")])
+    partial = bitfinex_event("b", 1, status="pending", payments=[("tx-b1", "0.0004")])
+    rest = bitfinex_event("b", 2, payments=[("tx-b1", "0.0004"), ("tx-b2", "0.0006")])
+    await produce(s, [event_record(e) for e in (paid, partial, rest, paid)])
+    async with running_consumer(s) as consumer:
+        records = await read_topic(
+            s,
+            s.settlements_topic,
+            lambda rs: (
+                latest_settlements(rs).get("bitfinex:b", None) is not None
+                and latest_settlements(rs)["bitfinex:b"].state == "paid"
+            ),
+        )
+        await wait_for(
+            lambda: counter(consumer, "payhook_consumer_events_total", outcome="duplicate") == 1,
+            what="the duplicate to be counted",
+        )
+        assert counter(consumer, "payhook_consumer_events_total", outcome="processed") == 3
+        assert counter(consumer, "payhook_settlements_total", state="paid") >= 2
+        assert consumer.metrics.registry.get_sample_value(
+            "payhook_settlement_latency_seconds_count"
+        )
+    latest = latest_settlements(records)
+    a, b = latest["bitfinex:a"], latest["bitfinex:b"]
+    assert (a.state, a.paid_amount, a.version) == ("paid", Decimal("0.001"), 1)
+    assert (b.state, b.paid_amount, b.difference) == ("paid", Decimal("0.0010"), Decimal(0))
+    assert b.last_event_id == rest.event_id
+    assert [r.key for r in records if r.key == b"bitfinex:a"] == [b"bitfinex:a"]  # once
+    # Every settlement record is keyed by its invoice and decodes as a Settlement.
+    for record, settlement in zip(records, settlements_of(records), strict=True):
+        assert record.key == invoice_key(settlement.provider, settlement.invoice_id).encode()
+
+
+async def committed_offsets(settings: Settings) -> dict[int, int]:
+    """The consumer group's committed offsets per partition (of the events topic)."""
+    # Tansu's answer to the admin client's OffsetFetch does not decode; a consumer's does.
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+    )
+    await reader.start()
+    try:
+        found = {}
+        for partition in range(TOPIC_PARTITIONS):
+            offset = await reader.committed(TopicPartition(settings.events_topic, partition))
+            if offset is not None:
+                found[partition] = offset
+        return found
+    finally:
+        await reader.stop()
+
+
+def naive_time_record() -> Record:
+    body = msgspec.json.decode(encode_event(bitfinex_event("ok", 1)))
+    body["occurred_at"] = "2026-05-01T09:00:00"  # no time zone: cannot be ordered
+    return b"bitfinex:ok", msgspec.json.encode(body), [("event-id", b"ok-1")]
+
+
+async def test_undecodable_and_invalid_records_go_to_the_dlq_and_processing_goes_on(
+    consume_settings: Settings,
+) -> None:
+    s = consume_settings
+    good = bitfinex_event("ok", 2, payments=[("tx-ok", "0.001")])
+    wrong_key = event_record(bitfinex_event("other", 1))
+    poison: list[Record] = [
+        (b"bitfinex:x", b"{not json", [("event-id", b"x")]),
+        (b"bitfinex:y", b'{"schema": "payhook.invoice-event.v1", "event_id": 7}', []),
+        naive_time_record(),
+        (b"bitfinex:someone-else", wrong_key[1], wrong_key[2]),
+    ]
+    # All on one key's partition, poison first, so the good record comes after them.
+    await produce(s, [(b"bitfinex:ok", v, h) for _, v, h in poison] + [event_record(good)])
+    async with running_consumer(s) as consumer:
+        dlq = await read_topic(s, s.dlq_topic, lambda rs: len(rs) >= 4)
+        settled = await read_topic(s, s.settlements_topic, lambda rs: len(rs) >= 1)
+        await wait_for(
+            lambda: counter(consumer, "payhook_consumer_events_total", outcome="dlq") == 4
+        )
+        assert counter(consumer, "payhook_consumer_events_total", outcome="processed") == 1
+    assert [r.value for r in dlq] == [v for _, v, _ in poison]
+    assert all(r.key == b"bitfinex:ok" for r in dlq)
+    for record in dlq:
+        headers = dict(record.headers)
+        assert headers["source-topic"] == s.events_topic.encode()
+        assert int(headers["source-partition"]) >= 0
+        assert "error" in headers
+    errors = [dict(r.headers)["error"].decode() for r in dlq]
+    assert errors[0].startswith("undecodable: ")
+    assert "$.event_id" in errors[1]
+    assert errors[2] == "invalid: occurred_at has no time zone"
+    assert errors[3] == "invalid: record key does not match provider:invoice_id"
+    offsets = sorted(int(dict(r.headers)["source-offset"]) for r in dlq)
+    assert offsets == [0, 1, 2, 3]
+    assert dict(dlq[0].headers)["event-id"] == b"x"  # original headers kept
+    assert latest_settlements(settled)["bitfinex:ok"].state == "paid"
+    assert sum((await committed_offsets(s)).values()) == 5  # past every record
+
+
+async def test_restart_reprocesses_harmlessly(consume_settings: Settings) -> None:
+    s = consume_settings
+    events = [
+        bitfinex_event("h", 1, status="pending", payments=[("h1", "0.0004")]),
+        bitfinex_event("h", 2, payments=[("h1", "0.0004"), ("h2", "0.0006")]),
+        bitfinex_event("i", 1, payments=[("i1", "0.001")]),
+    ]
+    await produce(s, [event_record(e) for e in events])
+    async with running_consumer(s) as first:
+        before = await read_topic(
+            s,
+            s.settlements_topic,
+            lambda rs: (
+                latest_settlements(rs).keys() == {"bitfinex:h", "bitfinex:i"}
+                and latest_settlements(rs)["bitfinex:h"].state == "paid"
+            ),
+        )
+        await wait_for(
+            lambda: counter(first, "payhook_consumer_events_total", outcome="processed") == 3
+        )
+    assert sum((await committed_offsets(s)).values()) == 3  # committed after the batch
+    # A consumer that lost its offsets (a new group) reads everything again: all duplicates.
+    again = dataclasses.replace(s, consumer_group=f"{s.consumer_group}-again")
+    async with running_consumer(again) as second:
+        await wait_for(
+            lambda: counter(second, "payhook_consumer_events_total", outcome="duplicate") == 3,
+            what="every event to be seen again",
+        )
+        assert counter(second, "payhook_consumer_events_total", outcome="processed") == 0
+        assert counter(second, "payhook_settlements_total", state="paid") == 0
+    after = await read_topic(s, s.settlements_topic, lambda rs: len(rs) >= len(before))
+    assert len(after) == len(before)  # nothing new was published
+    store = await open_store(s.store_url)
+    state = await store.get("bitfinex:h")
+    await store.close()
+    assert state is not None
+    assert state.settlement.paid_amount == Decimal("0.0010")
+
+
+async def test_a_stored_but_unpublished_settlement_is_published_at_start(
+    consume_settings: Settings,
+) -> None:
+    """As if the consumer died between its store transaction and the publish."""
+    s = consume_settings
+    event = bitfinex_event("crash", 1, payments=[("c1", "0.001")])
+    store = await open_store(s.store_url)
+    try:
+        await store.transact(
+            {"bitfinex:crash"},
+            lambda states: _writes(apply_batch(states, [event], datetime.now(UTC))),
+        )
+        assert len(await store.unpublished()) == 1
+    finally:
+        await store.close()
+    # The record itself is redelivered too (its offset was never committed): a duplicate.
+    await produce(s, [event_record(event)])
+    async with running_consumer(s) as consumer:
+        records = await read_topic(s, s.settlements_topic, lambda rs: len(rs) >= 1)
+        await wait_for(
+            lambda: counter(consumer, "payhook_consumer_events_total", outcome="duplicate") == 1
+        )
+        assert await consumer.store.unpublished() == []
+    [settlement] = settlements_of(records)
+    assert (settlement.version, settlement.last_event_id) == (1, event.event_id)
+
+
+def _writes(result: Any) -> Writes:
+    return Writes(states=result.states, outbox=result.settlements)
+
+
+class FailingOnceStore:
+    """The real store, whose first transaction fails as a lost database connection would."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.failures = 0
+
+    async def transact(
+        self,
+        keys: Collection[str],
+        update: Callable[[Mapping[str, InvoiceState]], W],
+        published: Sequence[Published] = (),
+    ) -> W:
+        if self.failures == 0:
+            self.failures += 1
+            raise ConnectionResetError("database connection lost")
+        return await self.inner.transact(keys, update, published)
+
+    async def unpublished(self) -> list[OutboxItem]:
+        return await self.inner.unpublished()
+
+    async def mark_published(self, published: Sequence[Published]) -> None:
+        await self.inner.mark_published(published)
+
+    async def get(self, key: str) -> InvoiceState | None:
+        return await self.inner.get(key)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_failed_store_transaction_commits_nothing_and_the_batch_comes_again(
+    consume_settings: Settings,
+) -> None:
+    s = consume_settings
+    events = [bitfinex_event("f", n, payments=[(f"f{n}", "0.0001")]) for n in range(1, 4)]
+    await produce(s, [event_record(e) for e in events])
+    store = FailingOnceStore(await open_store(s.store_url))
+    try:
+        async with running_consumer(s, store) as consumer:
+            records = await read_topic(
+                s,
+                s.settlements_topic,
+                lambda rs: (
+                    latest_settlements(rs).get("bitfinex:f") is not None
+                    and latest_settlements(rs)["bitfinex:f"].paid_amount == Decimal("0.0003")
+                ),
+            )
+            assert counter(consumer, "payhook_consumer_restarts_total") == 1
+            assert counter(consumer, "payhook_consumer_events_total", outcome="processed") == 3
+        assert store.failures == 1
+        state = await store.get("bitfinex:f")
+        assert state is not None
+        assert len(state.facts) == 3
+        assert all(s.paid_amount <= Decimal("0.0003") for s in settlements_of(records))
+    finally:
+        await store.close()
+
+
+async def test_consumer_on_postgres(kafka_settings: Settings, postgres_url: str) -> None:
+    s = consumer_settings(kafka_settings, store_url=postgres_url)
+    events = [
+        bitfinex_event("p", 1, status="pending", payments=[("p1", "0.0004")]),
+        bitfinex_event("p", 2, payments=[("p1", "0.0004"), ("p1", "0.0004"), ("p2", "0.0007")]),
+    ]
+    await produce(s, [event_record(e) for e in [*events, events[0]]])
+    async with running_consumer(s) as consumer:
+        records = await read_topic(
+            s,
+            s.settlements_topic,
+            lambda rs: (
+                latest_settlements(rs).get("bitfinex:p") is not None
+                and latest_settlements(rs)["bitfinex:p"].state == "overpaid"
+            ),
+        )
+        await wait_for(
+            lambda: counter(consumer, "payhook_consumer_events_total", outcome="duplicate") == 1
+        )
+    p = latest_settlements(records)["bitfinex:p"]
+    assert (p.paid_amount, p.difference) == (Decimal("0.0011"), Decimal("0.0001"))
+    assert [x.txid for x in p.payments] == ["p1", "p2"]
+
+
+class GatedStore:
+    """The real store, with a gate the test holds shut to freeze a batch mid-transaction."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = asyncio.Event()
+
+    async def transact(
+        self,
+        keys: Collection[str],
+        update: Callable[[Mapping[str, InvoiceState]], W],
+        published: Sequence[Published] = (),
+    ) -> W:
+        if not self.gate.is_set():
+            self.waiting.set()
+            await self.gate.wait()
+        return await self.inner.transact(keys, update, published)
+
+    async def unpublished(self) -> list[OutboxItem]:
+        return await self.inner.unpublished()
+
+    async def mark_published(self, published: Sequence[Published]) -> None:
+        await self.inner.mark_published(published)
+
+    async def get(self, key: str) -> InvoiceState | None:
+        return await self.inner.get(key)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_consumer_is_recreated_across_a_broker_restart(
+    tmp_path: Path, consume_settings: Settings
+) -> None:
+    """The broker dies while a batch is in flight: the publish cannot finish, so the consumer
+    stops making progress and is recreated until the broker is back. Tansu loses every record
+    on restart; the settlement stored before the outage waits in the outbox and is published
+    after it, and events produced after the restart are reconciled."""
+    with LocalBroker(log_path=tmp_path / "tansu.log") as broker:
+        s = dataclasses.replace(consume_settings, kafka_bootstrap=broker.bootstrap)
+        store = GatedStore(await open_store(s.store_url))
+        try:
+            await produce(s, [event_record(bitfinex_event("g1", 1, payments=[("t1", "0.001")]))])
+            async with running_consumer(s, store) as consumer:
+                await read_topic(s, s.settlements_topic, lambda rs: len(rs) == 1)
+                store.gate.clear()
+                held = bitfinex_event("g2", 1, payments=[("t2", "0.001")])
+                await produce(s, [event_record(held)])
+                await asyncio.wait_for(store.waiting.wait(), 30)
+                broker.stop()
+                store.gate.set()
+                await wait_for(
+                    lambda: counter(consumer, "payhook_consumer_restarts_total") >= 1,
+                    what="the stalled consumer to be recreated",
+                )
+                assert not consumer.ready
+                broker.start()
+                await produce(s, [])  # topics first: a fresh Tansu drops records meanwhile
+                after = bitfinex_event("g3", 1, payments=[("t3", "0.0015")])
+                await produce(s, [event_record(after)])
+                records = await read_topic(
+                    s,
+                    s.settlements_topic,
+                    lambda rs: {"bitfinex:g2", "bitfinex:g3"} <= latest_settlements(rs).keys(),
+                    within=60,
+                )
+                await wait_for(lambda: consumer.ready, what="readiness after the restart")
+            latest = latest_settlements(records)
+            assert latest["bitfinex:g2"].last_event_id == held.event_id
+            assert (latest["bitfinex:g3"].state, latest["bitfinex:g3"].paid_amount) == (
+                "overpaid",
+                Decimal("0.0015"),
+            )
+            assert await store.unpublished() == []
+        finally:
+            await store.close()
