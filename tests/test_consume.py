@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
+import os
+import signal
+import sys
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from schemas.events import InvoiceEvent
+from service.consume import serve
 from service.devbroker import LocalBroker
 from service.publish import TOPIC_PARTITIONS, encode_event
 from service.reconcile import InvoiceState, apply_batch, invoice_key
@@ -400,3 +407,164 @@ async def test_consumer_is_recreated_across_a_broker_restart(
             assert await store.unpublished() == []
         finally:
             await store.close()
+
+
+# --- the process: probes, SIGTERM, SIGKILL ------------------------------------------------------
+
+PAYHOOK = str(Path(sys.executable).with_name("payhook"))
+
+
+def process_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PAYHOOK_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "PAYHOOK_TOPIC_PREFIX": settings.topic_prefix,
+        "PAYHOOK_STORE_URL": settings.store_url,
+        "PAYHOOK_CONSUMER_PORT": str(settings.consumer_port),
+        "PAYHOOK_CONSUMER_GROUP": settings.consumer_group,
+        "PAYHOOK_CONSUMER_SESSION_TIMEOUT_MS": str(settings.consumer_session_timeout_ms),
+        "PAYHOOK_COMMIT_TIMEOUT": str(settings.commit_timeout),
+        "PAYHOOK_SHUTDOWN_TIMEOUT": str(settings.shutdown_timeout),
+        "PAYHOOK_LOG_FORMAT": "json",
+    }
+
+
+async def start_consume(settings: Settings, log: Path) -> asyncio.subprocess.Process:
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            PAYHOOK,
+            "consume",
+            env=process_env(settings),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+
+
+async def probe(settings: Settings, path: str) -> int | None:
+    """The status of GET ``path`` on the consumer port, or None when nothing answers."""
+    url = f"http://127.0.0.1:{settings.consumer_port}{path}"
+    try:
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            await response.read()
+            return response.status
+    except aiohttp.ClientConnectionError:
+        return None
+
+
+async def wait_probe(settings: Settings, path: str, status: int, within: float = 30) -> None:
+    deadline = time.monotonic() + within
+    while await probe(settings, path) != status:
+        assert time.monotonic() < deadline, f"{path} never answered {status}"
+        await asyncio.sleep(0.05)
+
+
+async def test_probes_and_readyz_turns_503_first_on_shutdown(consume_settings: Settings) -> None:
+    s = consume_settings
+    await produce(s, [event_record(bitfinex_event("pr", 1, payments=[("pr1", "0.001")]))])
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(s, stop))
+    try:
+        await wait_probe(s, "/readyz", 200)
+        assert await probe(s, "/healthz") == 200
+        await read_topic(s, s.settlements_topic, lambda rs: len(rs) == 1)
+        url = f"http://127.0.0.1:{s.consumer_port}/metrics"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            text = await response.text()
+            assert response.content_type == "text/plain"
+        assert 'payhook_consumer_events_total{outcome="processed"} 1.0' in text
+        assert 'payhook_settlements_total{state="paid"} 1.0' in text
+        assert "payhook_consumer_batch_duration_seconds_bucket" in text
+        assert "payhook_consumer_lag{" in text
+        stop.set()
+        # The consumer is still finishing and leaving its group: not ready any more.
+        assert await probe(s, "/readyz") == 503
+        assert await asyncio.wait_for(task, s.shutdown_timeout) == 0
+    finally:
+        stop.set()
+        if not task.done():
+            task.cancel()
+
+
+async def test_sigterm_finishes_commits_and_exits_0(
+    consume_settings: Settings, tmp_path: Path
+) -> None:
+    s = consume_settings
+    events = [bitfinex_event(f"t{n}", 1, payments=[(f"t{n}", "0.001")]) for n in range(20)]
+    await produce(s, [event_record(e) for e in events])
+    log = tmp_path / "consume.log"
+    process = await start_consume(s, log)
+    try:
+        await wait_probe(s, "/readyz", 200)
+        await read_topic(s, s.settlements_topic, lambda rs: len(latest_settlements(rs)) == 20)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert await asyncio.wait_for(process.wait(), s.shutdown_timeout + 5) == 0
+        assert time.monotonic() - started < s.shutdown_timeout
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert sum((await committed_offsets(s)).values()) == 20
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    names = [line.get("event") for line in lines]
+    assert "batch" in names
+    assert "shutdown_started" in names
+    assert all("order-" not in json.dumps(line) for line in lines)  # no order ids logged
+
+
+async def test_sigkill_mid_stream_then_restart_counts_every_payment_once(
+    consume_settings: Settings, tmp_path: Path
+) -> None:
+    s = dataclasses.replace(consume_settings, consumer_batch_max=7)
+    invoices = 30
+    first = [
+        bitfinex_event(f"k{n}", 1, status="pending", payments=[(f"k{n}a", "0.0004")])
+        for n in range(invoices)
+    ]
+    second = [
+        bitfinex_event(f"k{n}", 2, payments=[(f"k{n}a", "0.0004"), (f"k{n}b", "0.0005")])
+        for n in range(invoices)
+    ]
+    await produce(s, [event_record(e) for e in first + second])
+    log = tmp_path / "consume.log"
+    process = await start_consume(s, log)
+    try:
+        await read_topic(s, s.settlements_topic, lambda rs: len(rs) >= 3)
+    finally:
+        process.kill()
+        await process.wait()
+    # Again, with repeats of everything, after the kill.
+    await produce(s, [event_record(e) for e in first[:5] + second[:5]])
+    process = await start_consume(s, log)
+    try:
+        records = await read_topic(
+            s,
+            s.settlements_topic,
+            lambda rs: (
+                len(latest_settlements(rs)) == invoices
+                and all(x.state == "underpaid" for x in latest_settlements(rs).values())
+            ),
+            within=60,
+        )
+        await wait_probe(s, "/readyz", 200)
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), s.shutdown_timeout + 5) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    for settlement in latest_settlements(records).values():
+        assert settlement.paid_amount == Decimal("0.0009")
+        assert len(settlement.payments) == 2
+        assert settlement.version <= 2
+    store = await open_store(s.store_url)
+    try:
+        for n in range(invoices):
+            state = await store.get(f"bitfinex:k{n}")
+            assert state is not None
+            ids = [f.event_id for f in state.facts]
+            assert sorted(ids) == sorted({first[n].event_id, second[n].event_id})
+        assert await store.unpublished() == []
+    finally:
+        await store.close()
