@@ -23,6 +23,7 @@ import orjson
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from prometheus_client import Counter, Histogram
 
 from schemas.events import PROVIDERS, InvoiceEvent
 from service import errors
@@ -54,7 +55,29 @@ class Lifecycle:
     shutting_down: bool = False
 
 
+@final
+class WebhookSeries:
+    """The labelled children of the webhook metrics, looked up once per (provider, outcome):
+    ``labels()`` takes a lock and builds a key on every call, and this is the hot path."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self) -> None:
+        self._children: dict[tuple[str, str], tuple[Histogram, Counter]] = {}
+
+    def get(self, metrics: IngestMetrics, provider: str, outcome: str) -> tuple[Histogram, Counter]:
+        key = (provider, outcome)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                metrics.http_latency.labels(provider, outcome),
+                metrics.webhooks.labels(provider, outcome),
+            )
+        return children
+
+
 SETTINGS: Final = web.AppKey("settings", Settings)
+WEBHOOK_SERIES: Final = web.AppKey("webhook_series", WebhookSeries)
 METRICS: Final = web.AppKey("metrics", IngestMetrics)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 SPOOL: Final = web.AppKey("spool", Spool)
@@ -100,18 +123,27 @@ def _require_post(request: web.Request) -> None:
 async def _read_body(request: web.Request) -> bytes:
     """The body, read no further than the limit (413), then its media type checked (415)."""
     limit = request.app[SETTINGS].max_body_bytes
-    too_large = errors.PayloadTooLarge(f"the body must not exceed {limit} bytes")
     length = request.content_length
     if length is not None and length > limit:
-        raise too_large
-    body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    if request.content_type != _JSON:
+        raise _too_large(limit)
+    stream = request.content
+    body = await stream.readany()
+    if not stream.is_eof():  # more than one piece arrived (chunked, or a slow client)
+        buffer = bytearray(body)
+        while chunk := await stream.readany():
+            buffer += chunk
+            if len(buffer) > limit:
+                raise _too_large(limit)
+        body = bytes(buffer)
+    elif len(body) > limit:
+        raise _too_large(limit)
+    if request.headers.get("Content-Type") != _JSON and request.content_type != _JSON:
         raise errors.UnsupportedMediaType("the body must be application/json")
-    return bytes(body)
+    return body
+
+
+def _too_large(limit: int) -> errors.PayloadTooLarge:
+    return errors.PayloadTooLarge(f"the body must not exceed {limit} bytes")
 
 
 def _refuse(request: web.Request) -> errors.PayhookError:
@@ -250,9 +282,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         name = request.match_info.get("provider")
         provider = name if name in PROVIDERS else "unknown"
         outcome = error or "accepted"
-        metrics = request.app[METRICS]
-        metrics.http_latency.labels(provider, outcome).observe(elapsed)
-        metrics.webhooks.labels(provider, outcome).inc()
+        latency, count = request.app[WEBHOOK_SERIES].get(request.app[METRICS], provider, outcome)
+        latency.observe(elapsed)
+        count.inc()
     log.info(
         "request",
         method=request.method,
@@ -307,6 +339,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = IngestMetrics()
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    app[WEBHOOK_SERIES] = WebhookSeries()
     app[SPOOL] = Spool(settings.spool_dir, settings.spool_max_bytes, metrics=metrics)
     app[PUBLISHER] = Publisher(settings, metrics, app[SPOOL])
     app[LIMITER] = FailureLimiter(settings.auth_failure_budget)

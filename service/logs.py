@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 
 
@@ -29,20 +30,25 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any
+    factory: Any
     if log_format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
+        factory = structlog.WriteLoggerFactory(file=sys.stderr)
+        foreign_renderer = renderer
     else:
-        renderer = structlog.processors.JSONRenderer()
+        # orjson renders bytes: one line per request is on the hot path.
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        factory = structlog.BytesLoggerFactory(file=sys.stderr.buffer)
+        foreign_renderer = structlog.processors.JSONRenderer()
 
     structlog.configure(
         processors=[
             *shared,
-            structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        logger_factory=factory,
         cache_logger_on_first_use=cache,
     )
 
@@ -50,7 +56,10 @@ def configure_logging(
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                foreign_renderer,
+            ],
         )
     )
     root = logging.getLogger()

@@ -8,6 +8,7 @@ the way msgspec does (``- at `$.payment.updated_at```).
 from __future__ import annotations
 
 import hashlib
+import typing
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -161,31 +162,46 @@ def normalize(notification: Notification, received_at: datetime) -> InvoiceEvent
     return msgspec.structs.replace(draft, event_id=event_id(draft), received_at=received_at)
 
 
+def _decimal_fields(struct: type[msgspec.Struct]) -> tuple[str, ...]:
+    return tuple(
+        f.name
+        for f in msgspec.structs.fields(struct)
+        if f.type is Decimal or Decimal in typing.get_args(f.type)
+    )
+
+
+_EVENT_DECIMALS: Final = _decimal_fields(InvoiceEvent)
+_PAYMENT_DECIMALS: Final = _decimal_fields(Payment)
+
+
 def event_id(event: InvoiceEvent) -> str:
-    """128 bits of SHA-256 over the event's canonical content: keys sorted, decimals reduced
-    to digits and exponent (``2.50`` and ``2.5`` agree), times as UTC instants. Neither the
-    raw bytes nor ``received_at`` take part, so a repeat, however formatted, has the same id."""
-    content = msgspec.to_builtins(event, builtin_types=(Decimal, datetime))
+    """128 bits of SHA-256 over the event's canonical content: keys sorted, decimals without
+    trailing zeros (``2.50`` and ``2.5`` agree), times as UTC instants. Neither the raw bytes
+    nor ``received_at`` take part, so a repeat, however formatted, has the same id."""
+    content = msgspec.structs.asdict(event)
     del content["event_id"], content["received_at"]
-    canonical = orjson.dumps(_canonical(content), option=orjson.OPT_SORT_KEYS)
+    for name in _EVENT_DECIMALS:
+        content[name] = _canonical(content[name])
+    payments = []
+    for payment in event.payments:
+        fields = msgspec.structs.asdict(payment)
+        for name in _PAYMENT_DECIMALS:
+            fields[name] = _canonical(fields[name])
+        payments.append(fields)
+    content["payments"] = payments
+    # orjson refuses a Decimal: a new decimal field cannot slip into the id uncanonicalized.
+    canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(canonical).hexdigest()[:32]
 
 
-def _canonical(value: object) -> object:
-    if isinstance(value, Decimal):
-        sign, digits, exponent = value.as_tuple()
-        assert isinstance(exponent, int)  # finite: normalize checked it
-        text = "".join(map(str, digits)).lstrip("0")
-        if not text:
-            return "0"
-        stripped = text.rstrip("0")
-        exponent += len(text) - len(stripped)
-        return f"{'-' if sign else ''}{stripped}e{exponent}"
-    if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
-    return value
+def _canonical(value: Decimal | None) -> str | None:
+    if value is None:
+        return None
+    # Positional notation is bounded: _amount() admits only modest exponents.
+    text = format(value, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 def _amount(value: Decimal | None, path: str) -> Decimal | None:

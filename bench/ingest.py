@@ -1,0 +1,357 @@
+"""``make bench`` (ingest): ``payhook serve`` against the floor, under the same load.
+
+Both servers run as their own processes on loopback; wrk (a separate C process, one thread,
+64 connections) posts valid signed Bitfinex webhooks, each to its own order, for a fixed time.
+
+- payhook: the real ``payhook serve`` with the local Tansu broker (acks=all, JSON logs to a
+  file, the spool configured as in production).
+- floor: a bare aiohttp handler that only reads the body and answers 200.
+
+Printed: accepted/s, p50 and p99 for both, and the ratios. Verified: every request was answered
+200, and every event payhook accepted is on the topic (counted by reading it back).
+Targets: payhook >= 50% of the floor's throughput, p99 <= 25 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from service.auth import mint_secret
+from service.devbroker import LocalBroker, free_port
+from service.publish import ensure_topics
+from service.settings import load_settings, parse_signing_keys
+
+CONNECTIONS: Final = 64
+WARMUP_SECONDS: Final = 3
+RUN_SECONDS: Final = 10
+ORDERS: Final = 2000
+SIGNING_KEYS: Final = "bench:" + base64.b64encode(b"b" * 32).decode()
+TARGET_RATIO: Final = 0.5
+TARGET_P99_MS: Final = 25.0
+
+
+# --- the floor ---------------------------------------------------------------------------------
+
+
+async def _floor_handler(request: web.Request) -> web.Response:
+    await request.read()
+    return web.json_response({"status": "accepted"})
+
+
+def floor_main(port: int) -> None:
+    app = web.Application()
+    app.router.add_post("/v1/webhooks/{provider}/{order_id}", _floor_handler)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def webhook(i: int) -> bytes:
+    """A Bitfinex COMPLETED webhook shaped like seed 003, customer data included."""
+    return json.dumps(
+        {
+            "id": f"bench-invoice-{i:06d}",
+            "type": "ECOMMERCE",
+            "orderId": f"bench-order-{i:06d}",
+            "status": "COMPLETED",
+            "amount": 2.5,
+            "currency": "USD",
+            "t": 1612460165497 + i,
+            "invoices": [
+                {
+                    "amount": 0.00006262,
+                    "currency": "BTC",
+                    "payCurrency": "BTC",
+                    "poolCurrency": "BTC",
+                    "address": "bc1qyegkyyk656vrqp0pzyg8p4yy9xlqfhxlrg0jtf",
+                }
+            ],
+            "payment": {
+                "txid": f"{i:064x}",
+                "amount": 0.00006262,
+                "currency": "BTC",
+                "method": "BITCOIN",
+                "status": "COMPLETED",
+                "confirmations": 6,
+                "created_at": "2021-01-06 21:16:28",
+                "updated_at": "2021-01-06 21:16:28",
+                "depositId": 1357996 + i,
+            },
+            "customerInfo": {"fullName": "Bench Customer", "email": "bench@example.com"},
+        }
+    ).encode()
+
+
+def lua_script() -> str:
+    """wrk cycles through ORDERS prebuilt requests, each with the order's own token."""
+    keys = parse_signing_keys(SIGNING_KEYS)
+    rows = []
+    for i in range(ORDERS):
+        order = f"bench-order-{i:06d}"
+        token = mint_secret(keys, "bitfinex", order)
+        body = webhook(i).decode()
+        assert "]==]" not in body
+        rows.append(f'  {{"/v1/webhooks/bitfinex/{order}?token={token}", [==[{body}]==]}},')
+    return "\n".join(
+        [
+            "local rows = {",
+            *rows,
+            "}",
+            "local reqs = {}",
+            "local n = 0",
+            "init = function(args)",
+            '  local headers = {["Content-Type"] = "application/json"}',
+            "  for i, row in ipairs(rows) do",
+            '    reqs[i] = wrk.format("POST", row[1], headers, row[2])',
+            "  end",
+            "end",
+            "request = function()",
+            "  n = n % #reqs + 1",
+            "  return reqs[n]",
+            "end",
+            "done = function(summary, latency, requests)",
+            "  local e = summary.errors",
+            '  io.write(string.format("RESULT %d %d %d %d %d %d\\n", summary.requests,',
+            "    summary.duration, latency:percentile(50), latency:percentile(99),",
+            "    e.status, e.connect + e.read + e.write + e.timeout))",
+            "end",
+        ]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    non_200: int
+    socket_errors: int
+
+    @property
+    def per_second(self) -> float:
+        return (self.requests - self.non_200 - self.socket_errors) / self.seconds
+
+
+WRK: Final = shutil.which("wrk") or "/usr/bin/wrk"
+
+
+def wrk(port: int, script: Path, seconds: int) -> Load:
+    out = subprocess.run(
+        [
+            WRK,
+            "-t1",
+            f"-c{CONNECTIONS}",
+            f"-d{seconds}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    requests, micros, p50, p99, non_200, errors = (int(v) for v in line.split()[1:])
+    return Load(requests, micros / 1e6, p50 / 1000, p99 / 1000, non_200, errors)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def wait_ready(url: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not ready after {within}s")
+        time.sleep(0.05)
+
+
+def accepted_in(log: Path) -> tuple[int, set[str]]:
+    """How many requests payhook answered 200, and their event ids, from its request log lines
+    (read after it stopped: requests wrk abandoned at the end of a run are still answered)."""
+    count = 0
+    ids: set[str] = set()
+    for line in log.read_bytes().splitlines():
+        if not line.startswith(b"{"):
+            continue
+        entry = json.loads(line)
+        if entry.get("event") == "request" and entry.get("status") == 200 and entry.get("event_id"):
+            count += 1
+            ids.add(entry["event_id"])
+    return count, ids
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def read_event_ids(
+    bootstrap: str, topic: str, expected: int, within: float = 60.0
+) -> tuple[int, set[str]]:
+    """Reads the whole topic (Tansu's high watermark is not to be trusted): the record count
+    and the distinct ``event-id`` headers."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+    )
+    await consumer.start()
+    count = 0
+    ids: set[str] = set()
+    try:
+        await consumer.topics()
+        partitions = consumer.partitions_for_topic(topic) or set()
+        consumer.assign([TopicPartition(topic, p) for p in partitions])
+        await consumer.seek_to_beginning()
+        deadline = time.monotonic() + within
+        idle = 0
+        # Reads until the expected count, then until a few empty polls prove nothing more.
+        while time.monotonic() < deadline and (count < expected or idle < 3):
+            batches = await consumer.getmany(timeout_ms=300, max_records=10000)
+            got = 0
+            for batch in batches.values():
+                got += len(batch)
+                ids.update(dict(r.headers)["event-id"].decode() for r in batch)
+            count += got
+            idle = 0 if got else idle + 1
+    finally:
+        await consumer.stop()
+    return count, ids
+
+
+def measure(port: int, script: Path) -> Load:
+    wrk(port, script, WARMUP_SECONDS)
+    return wrk(port, script, RUN_SECONDS)
+
+
+def main() -> int:
+    if not Path(WRK).exists():
+        print("bench: wrk is not installed (make bench installs it)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="payhook-bench-"))
+    script = work / "webhooks.lua"
+    script.write_text(lua_script())
+    with LocalBroker(log_path=work / "tansu.log") as broker:
+        http_port = free_port()
+        env = {
+            **os.environ,
+            "PAYHOOK_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "PAYHOOK_HTTP_PORT": str(http_port),
+            "PAYHOOK_SIGNING_KEYS": SIGNING_KEYS,
+            "PAYHOOK_TOPIC_PREFIX": "bench",
+            "PAYHOOK_SPOOL_DIR": str(work / "spool"),
+            "PAYHOOK_LOG_FORMAT": "json",
+        }
+        settings = load_settings(env)
+        problems = {t: p for t, p in asyncio.run(ensure_topics(settings)).items() if p}
+        if problems:
+            print(f"bench: topics: {problems}", file=sys.stderr)
+            return 1
+
+        with open(work / "serve.log", "wb") as log:
+            serve = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "serve"], env=env, stderr=log
+            )
+        try:
+            wait_ready(f"http://127.0.0.1:{http_port}/readyz")
+            payhook = measure(http_port, script)
+        finally:
+            stop(serve)
+        answered, accepted = accepted_in(work / "serve.log")
+        records, on_topic = asyncio.run(
+            read_event_ids(broker.bootstrap, settings.events_topic, answered)
+        )
+
+    floor_port = free_port()
+    floor = subprocess.Popen(
+        [sys.executable, "-m", "bench.ingest", "--floor", str(floor_port)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready_post(floor_port)
+        baseline = measure(floor_port, script)
+    finally:
+        stop(floor)
+    shutil.rmtree(work, ignore_errors=True)
+
+    ratio = payhook.per_second / baseline.per_second
+    print(
+        f"ingest benchmark: {CONNECTIONS} connections, {RUN_SECONDS}s after "
+        f"{WARMUP_SECONDS}s warm-up, wrk -t1"
+    )
+    print(f"{'':10}{'accepted/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'non-200':>9}{'errors':>8}")
+    for name, load in (("payhook", payhook), ("floor", baseline)):
+        print(
+            f"{name:10}{load.per_second:12.0f}{load.p50_ms:9.2f}{load.p99_ms:9.2f}"
+            f"{load.non_200:9d}{load.socket_errors:8d}"
+        )
+    print(f"throughput ratio payhook/floor: {ratio:.2f} (target >= {TARGET_RATIO})")
+    print(f"payhook p99: {payhook.p99_ms:.2f} ms (target <= {TARGET_P99_MS})")
+    missing = accepted - on_topic
+    print(
+        f"answered 200 by payhook (warm-up included): {answered} ({len(accepted)} distinct "
+        f"events); records on the topic: {records} ({len(on_topic)} distinct); "
+        f"missing: {len(missing)}"
+    )
+    ok = payhook.non_200 == 0 and payhook.socket_errors == 0 and records == answered and not missing
+    met = ratio >= TARGET_RATIO and payhook.p99_ms <= TARGET_P99_MS
+    print(f"verified: {'yes' if ok else 'NO'}; targets met: {'yes' if met else 'NO'}")
+    return 0 if ok else 1
+
+
+def wait_ready_post(port: int, within: float = 20.0) -> None:
+    """The floor has no probe: any HTTP answer means it listens."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"floor on {port} not up after {within}s") from None
+            time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--floor", type=int, help="run the floor server on this port")
+    args = parser.parse_args()
+    if args.floor:
+        floor_main(args.floor)
+    else:
+        sys.exit(main())
