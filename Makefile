@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: run test check bench faults setup promtool clean schemas
+.PHONY: run test check bench faults setup promtool clean schemas wrk
 
 setup: $(STAMP)
 
@@ -37,7 +37,14 @@ check: setup
 schemas: setup
 	$(BIN)/python -m schemas.generate
 
-bench: setup
+# wrk (Debian) is the ingest benchmark's load generator: a separate C process, never the bottleneck.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends wrk >/dev/null 2>&1 || \
+	  { apt-get update >/dev/null && apt-get install -y --no-install-recommends wrk >/dev/null; }; }
+
+bench: setup wrk
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.consume
 
