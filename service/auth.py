@@ -27,7 +27,7 @@ _WINDOW_SECONDS: Final = 60.0
 
 
 def _digest(key: bytes, provider: str, order_id: str) -> str:
-    mac = hmac.new(key, f"{provider}:{order_id}".encode(), hashlib.sha256).digest()
+    mac = hmac.digest(key, f"{provider}:{order_id}".encode(), "sha256")
     return base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 from collections.abc import Iterator, MutableMapping
@@ -13,7 +15,7 @@ from aiohttp.test_utils import TestClient
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from service.logs import configure_logging
+from service.logs import LineWriter, configure_logging
 from service.settings import Settings
 from tests.fixtures_app import PII, ClientFactory, bitfinex, cryptopos_body, encode, token_for
 
@@ -122,3 +124,32 @@ def test_console_format_is_for_humans(capsys: pytest.CaptureFixture[str]) -> Non
     assert "n=1" in err
     with pytest.raises(json.JSONDecodeError):
         json.loads(err)
+
+
+class CountingFile(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data: Any) -> int:
+        self.writes += 1
+        return super().write(data)
+
+
+async def test_lines_of_one_loop_turn_are_written_with_one_call() -> None:
+    file = CountingFile()
+    writer = LineWriter(file)
+    writer.msg(b'{"n":1}')
+    writer.info(b'{"n":2}')
+    assert file.getvalue() == b""
+    written = asyncio.Event()
+    asyncio.get_running_loop().call_soon(written.set)  # runs after the writer's flush
+    await written.wait()
+    assert file.getvalue() == b'{"n":1}\n{"n":2}\n'
+    assert file.writes == 1
+
+
+def test_outside_a_loop_lines_are_written_at_once() -> None:
+    file = CountingFile()
+    LineWriter(file).error(b"x")
+    assert file.getvalue() == b"x\n"
