@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -10,7 +12,8 @@ import pytest
 from service.auth import verify_secret
 from service.cli import main
 from service.devbroker import LocalBroker, free_port
-from service.settings import parse_signing_keys
+from service.devrun import dev_signing_keys
+from service.settings import Settings, parse_signing_keys
 from tests.fixtures_kafka import TEST_ENV
 
 
@@ -101,3 +104,32 @@ def test_topics_reports_an_unreachable_broker(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3
     assert all("cannot reach Kafka" in line for line in err)
+
+
+def test_consume_runs_the_consumer_without_signing_keys(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import service.consume
+
+    monkeypatch.delenv("PAYHOOK_SIGNING_KEYS")
+    monkeypatch.setenv("PAYHOOK_TOPIC_PREFIX", "cli-consume")
+    seen: list[Settings] = []
+
+    def run(settings: Settings) -> int:
+        seen.append(settings)
+        return 3
+
+    monkeypatch.setattr(service.consume, "run", run)
+    assert main(["consume"]) == 3
+    assert [s.topic_prefix for s in seen] == ["cli-consume"]
+    assert seen[0].signing_keys == ()
+
+
+def test_dev_signing_key_is_made_once_for_the_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "var" / "dev-signing-keys"
+    first = dev_signing_keys(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert dev_signing_keys(path) == first
+    (key,) = parse_signing_keys(first)
+    assert key.kid == "dev"
+    assert len(key.key.reveal()) == 32
