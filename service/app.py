@@ -332,6 +332,12 @@ async def _drainer(app: web.Application) -> AsyncIterator[None]:
 
 async def _on_shutdown(app: web.Application) -> None:
     app[LIFECYCLE].shutting_down = True
+    app[METRICS].ready.set(0)
+
+
+async def _mark_ready(app: web.Application) -> None:
+    # The gauge must be right even where nothing polls /readyz (compose); /readyz keeps it fresh.
+    app[METRICS].ready.set(1)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -348,6 +354,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_spool)
     app.cleanup_ctx.append(_kafka)
     app.cleanup_ctx.append(_drainer)
+    app.on_startup.append(_mark_ready)
     app.on_shutdown.append(_on_shutdown)
     app.router.add_route("*", "/v1/webhooks/{provider}/{order_id}", per_order_webhook)
     app.router.add_route("*", "/v1/webhooks/{provider}", merchant_webhook)

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.app import SETTINGS
+from service.app import METRICS, SETTINGS
 from service.settings import Settings
 from tests.fixtures_app import (
     SEED_003,
@@ -318,9 +318,13 @@ async def test_readyz_with_kafka_then_shutting_down(
     app_client: ClientFactory, kafka_settings: Settings
 ) -> None:
     client = await app_client(kafka_settings)
-    assert (await client.get("/readyz")).status == 200
     assert client.app is not None
+    registry = client.app[METRICS].registry
+    # Set by start-up itself: where nothing polls /readyz (compose) the gauge is still right.
+    assert registry.get_sample_value("payhook_ready") == 1
+    assert (await client.get("/readyz")).status == 200
     await client.app.shutdown()  # what run_app does first on SIGTERM
+    assert registry.get_sample_value("payhook_ready") == 0
     response = await client.get("/readyz")
     assert response.status == 503
     assert (await response.json())["status"] == "shutting_down"
