@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, final
@@ -30,6 +31,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.events import InvoiceEvent
 from service.metrics import CONTENT_TYPE, ConsumerMetrics
@@ -50,6 +52,7 @@ log = structlog.get_logger("payhook.consume")
 _decoder: Final = msgspec.json.Decoder(InvoiceEvent)
 _encoder: Final = msgspec.json.Encoder()
 _RETRY_SECONDS: Final = 1.0
+_partitioner: Final = DefaultPartitioner()
 _DLQ_ERROR_MAX: Final = 500  # header bytes: msgspec's message names the field, that is enough
 
 
@@ -63,16 +66,21 @@ class _BatchWrites(Writes):
     rejected: dict[int, str] = field(default_factory=dict)
 
 
+Poison = tuple[TopicPartition, "ConsumerRecord[bytes, bytes]", str]
+
+
 @final
 @dataclass(slots=True)
-class BatchReport:
-    """What one batch did (for the summary log line and for tests)."""
+class _Staged:
+    """A batch that is stored and waits for its publish and commit."""
 
+    batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]
+    started: float
     records: int = 0
-    processed: int = 0
-    duplicates: int = 0
-    dlq: int = 0
-    settlements: int = 0
+    events: list[InvoiceEvent] = field(default_factory=list)
+    sources: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = field(default_factory=list)
+    poison: list[Poison] = field(default_factory=list)
+    writes: _BatchWrites = field(default_factory=_BatchWrites)
 
 
 @final
@@ -81,11 +89,14 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        # Let the batch in flight finish and commit before the partitions move.
+        # Let the batches in flight be stored, published and committed before the partitions
+        # move (bounded: a stuck commit is the stall detector's business).
+        owner = self._owner
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._owner.settings.commit_timeout):
-                async with self._owner.batch_lock:
-                    pass
+            async with asyncio.timeout(owner.settings.commit_timeout):
+                async with owner.batch_lock:
+                    if owner._inflight is not None:
+                        await asyncio.wait({owner._inflight})
         for tp in revoked:
             with contextlib.suppress(KeyError):
                 self._owner.metrics.lag.remove(tp.topic, str(tp.partition))
@@ -96,6 +107,29 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if assigned:
             self._owner.assigned.set()
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+
+
+async def _send_batched(
+    producer: AIOKafkaProducer, topic: str, records: Iterable[tuple[bytes, bytes]]
+) -> list[asyncio.Future[Any]]:
+    """Sends keyed records in one batch per partition (and as many more as fill up): a future
+    per batch instead of per record. Partitions are chosen exactly as ``send`` would."""
+    partitions = list(await producer.partitions_for(topic))
+    builders: dict[int, Any] = {}
+    futures: list[asyncio.Future[Any]] = []
+    for key, value in records:
+        partition = _partitioner(key, partitions, partitions)
+        builder = builders.get(partition)
+        if builder is None:
+            builder = builders[partition] = producer.create_batch()
+        if builder.append(key=key, value=value, timestamp=None) is None:  # full: send it
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+            builder = builders[partition] = producer.create_batch()
+            if builder.append(key=key, value=value, timestamp=None) is None:
+                raise KafkaError(f"a record of {len(value)} bytes does not fit in a batch")
+    for partition, builder in builders.items():
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+    return futures
 
 
 async def _bounded(awaitable: Awaitable[Any], seconds: float) -> bool:
@@ -131,6 +165,7 @@ class Consumer:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._published: list[Published] = []
+        self._inflight: asyncio.Task[None] | None = None
         self.batches = 0
 
     @property
@@ -147,9 +182,7 @@ class Consumer:
                 self._store = await open_store(self.settings.store_url)
             while not stop.is_set():
                 try:
-                    # Nothing in connecting may hang: a broker that is half up must not stall us.
-                    async with asyncio.timeout(self.settings.commit_timeout * 3):
-                        await self._connect()
+                    await self._connect()
                     log.info("consumer_connected")
                     self.ready = True
                     self.metrics.ready.set(1)
@@ -176,6 +209,16 @@ class Consumer:
                     self._store = None
 
     async def _connect(self) -> None:
+        """Nothing in connecting may hang (a broker that is half up must not stall us), but
+        joining the group legitimately waits for the other members: up to a session timeout."""
+        settings = self.settings
+        async with asyncio.timeout(settings.commit_timeout * 3):
+            await self._connect_producer()
+        join_within = max(30.0, 3 * settings.consumer_session_timeout_ms / 1000)
+        async with asyncio.timeout(join_within):
+            await self._connect_consumer()
+
+    async def _connect_producer(self) -> None:
         settings = self.settings
         failed = {t: e for t, e in (await ensure_topics(settings)).items() if e is not None}
         if failed:
@@ -192,6 +235,9 @@ class Consumer:
         await producer.start()
         self._producer = producer
         await self._publish_outbox()
+
+    async def _connect_consumer(self) -> None:
+        settings = self.settings
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.kafka_bootstrap,
             client_id="payhook-consumer",
@@ -242,31 +288,44 @@ class Consumer:
     # --- the loop -----------------------------------------------------------------------------
 
     async def _consume(self, stop: asyncio.Event) -> None:
+        """Two stages in flight: while batch N is published and committed, batch N+1 is read,
+        decoded and stored. Commits stay in batch order (each finish awaits the previous)."""
         consumer = self._consumer
         assert consumer is not None
-        while not stop.is_set():
-            batch = await consumer.getmany(
-                timeout_ms=200, max_records=self.settings.consumer_batch_max
-            )
-            if batch:
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=200, max_records=self.settings.consumer_batch_max
+                )
+                if self._inflight is not None and self._inflight.done():
+                    inflight, self._inflight = self._inflight, None
+                    inflight.result()  # a failed publish or commit restarts the clients
+                if not batch:
+                    continue
                 async with self.batch_lock:
-                    await self.handle(consumer, batch)
+                    staged = await self._stage(batch)
+                    self._inflight = asyncio.create_task(
+                        self._finish(consumer, staged, self._inflight)
+                    )
+        finally:
+            last, self._inflight = self._inflight, None
+            if last is not None:
+                # Let the batch already stored finish its publish and commit (the graceful
+                # path); when it fails, the outbox and redelivery cover it.
+                await asyncio.wait({last})
+                error = None if last.cancelled() else last.exception()
+                if error is not None:
+                    log.warning("batch_unfinished", reason=type(error).__name__)
 
-    async def handle(
-        self,
-        consumer: AIOKafkaConsumer,
-        batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]],
-    ) -> BatchReport:
-        started = time.perf_counter()
-        report = BatchReport()
-        producer = self._require_producer()
-        settings = self.settings
-        events: list[InvoiceEvent] = []
-        sources: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = []
-        poison: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes], str]] = []
+    async def _stage(
+        self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]
+    ) -> _Staged:
+        """Decodes and validates the records and runs the batch's store transaction."""
+        staged = _Staged(batch=batch, started=time.perf_counter())
         decode = _decoder.decode
+        events = staged.events
         for tp, records in batch.items():
-            report.records += len(records)
+            staged.records += len(records)
             for record in records:
                 try:
                     if record.value is None:
@@ -274,12 +333,12 @@ class Consumer:
                     event = decode(record.value)
                     validate(event, record.key)
                 except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
-                    poison.append((tp, record, f"undecodable: {exc}"))
+                    staged.poison.append((tp, record, f"undecodable: {exc}"))
                 except InvalidEvent as exc:
-                    poison.append((tp, record, f"invalid: {exc}"))
+                    staged.poison.append((tp, record, f"invalid: {exc}"))
                 else:
                     events.append(event)
-                    sources.append((tp, record))
+                    staged.sources.append((tp, record))
 
         now = datetime.now(UTC)
 
@@ -293,14 +352,31 @@ class Consumer:
             )
 
         keys = {invoice_key(e.provider, e.invoice_id) for e in events}
-        writes = await self.store.transact(keys, update, self._published)
-        self._published = []
-        for index, reason in writes.rejected.items():
-            tp, record = sources[index]
-            poison.append((tp, record, reason))
+        published, self._published = self._published, []
+        try:
+            staged.writes = await self.store.transact(keys, update, published)
+        except BaseException:
+            self._published = published + self._published  # still to be forgotten
+            raise
+        for index, reason in staged.writes.rejected.items():
+            tp, record = staged.sources[index]
+            staged.poison.append((tp, record, reason))
+        return staged
 
+    async def _finish(
+        self,
+        consumer: AIOKafkaConsumer,
+        staged: _Staged,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Publishes the batch's DLQ records and settlements (acks=all), then commits."""
+        if previous is not None:
+            await previous
+        producer = self._require_producer()
+        settings = self.settings
+        writes = staged.writes
         futures = []
-        for tp, record, reason in poison:
+        for tp, record, reason in staged.poison:
             headers = [
                 *(record.headers or ()),
                 ("error", reason[:_DLQ_ERROR_MAX].encode()),
@@ -313,59 +389,67 @@ class Consumer:
                     settings.dlq_topic, value=record.value, key=record.key, headers=headers
                 )
             )
-        for key, settlement in writes.outbox.items():
-            futures.append(
-                await producer.send(
-                    settings.settlements_topic,
-                    value=_encoder.encode(settlement),
-                    key=key.encode(),
-                )
-            )
+        encode = _encoder.encode
+        futures += await _send_batched(
+            producer,
+            settings.settlements_topic,
+            ((key.encode(), encode(settlement)) for key, settlement in writes.outbox.items()),
+        )
         async with asyncio.timeout(settings.commit_timeout):
             await asyncio.gather(*futures)
         published_at = datetime.now(UTC)
-        self._published = [(k, s.version) for k, s in writes.outbox.items()]
+        self._published.extend((k, s.version) for k, s in writes.outbox.items())
 
-        offsets = {tp: records[-1].offset + 1 for tp, records in batch.items() if records}
+        offsets = {tp: records[-1].offset + 1 for tp, records in staged.batch.items() if records}
         await self._commit(consumer, offsets)
+        self._observe(consumer, staged, offsets, published_at)
 
-        # Metrics and the summary line, once everything is durable.
-        received = {e.event_id: e.received_at for e in events}
+    def _observe(
+        self,
+        consumer: AIOKafkaConsumer,
+        staged: _Staged,
+        offsets: Mapping[TopicPartition, int],
+        published_at: datetime,
+    ) -> None:
+        """Metrics and the summary line, once everything is durable."""
+        writes = staged.writes
         m = self.metrics
+        processed = duplicates = 0
         for outcome in writes.outcomes:
             if outcome == "duplicate":
-                report.duplicates += 1
+                duplicates += 1
             elif outcome != "invalid":
-                report.processed += 1
-        report.dlq = len(poison)
-        report.settlements = len(writes.outbox)
-        m.events.labels("processed").inc(report.processed)
-        m.events.labels("duplicate").inc(report.duplicates)
-        m.events.labels("dlq").inc(report.dlq)
+                processed += 1
+        m.events.labels("processed").inc(processed)
+        m.events.labels("duplicate").inc(duplicates)
+        m.events.labels("dlq").inc(len(staged.poison))
+        received = {e.event_id: e.received_at for e in staged.events}
+        by_state: dict[str, int] = {}
         for settlement in writes.outbox.values():
-            m.settlements.labels(settlement.state).inc()
+            by_state[settlement.state] = by_state.get(settlement.state, 0) + 1
             if settlement.discrepancy:
                 m.discrepancies.labels(settlement.provider).inc()
             at = received.get(settlement.last_event_id)
             if at is not None:
                 m.e2e_latency.observe(max(0.0, (published_at - at).total_seconds()))
+        for state, count in by_state.items():
+            m.settlements.labels(state).inc(count)
         for tp, next_offset in offsets.items():
             highwater = consumer.highwater(tp)
             if highwater is not None:
                 m.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
-        duration = time.perf_counter() - started
+        duration = time.perf_counter() - staged.started
         m.batch_duration.observe(duration)
         self.batches += 1
         log.info(
             "batch",
-            records=report.records,
-            processed=report.processed,
-            duplicates=report.duplicates,
-            dlq=report.dlq,
-            settlements=report.settlements,
+            records=staged.records,
+            processed=processed,
+            duplicates=duplicates,
+            dlq=len(staged.poison),
+            settlements=len(writes.outbox),
             duration_ms=round(duration * 1000, 1),
         )
-        return report
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
@@ -444,6 +528,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
 
 
 async def _main(settings: Settings) -> int:
+    # Everything alive after start-up (modules, settings) lives as long as the process: keep
+    # the collector from rescanning it with every batch's garbage.
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -52,7 +52,8 @@ class InvalidEvent(ValueError):
     """A decodable event that cannot be reconciled; the message says why (for the DLQ)."""
 
 
-class Fact(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+# gc=False: these hold no reference cycles, so the collector need not track millions of them.
+class Fact(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
     """What reconciliation needs of one applied event."""
 
     event_id: str
@@ -66,7 +67,7 @@ class Fact(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     payments: tuple[Payment, ...]
 
 
-class InvoiceState(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+class InvoiceState(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
     """Everything stored for one invoice: the applied facts and the current settlement."""
 
     facts: tuple[Fact, ...]
@@ -145,31 +146,37 @@ def _plain(value: Decimal) -> Decimal:
     return Decimal(format(value, "f"))
 
 
-def _latest(facts: Iterable[Fact]) -> Fact | None:
-    """The fact latest by provider time; ties go to the further status, then the event id."""
-    return max(
-        facts,
-        key=lambda f: (f.occurred_at, _STATUS_RANK[f.status], f.event_id),
-        default=None,
-    )
+def _order(fact: Fact) -> tuple[datetime, int, str]:
+    """Provider time; ties go to the further status, then the (content-derived) event id."""
+    return (fact.occurred_at, _STATUS_RANK[fact.status], fact.event_id)
+
+
+def _copy_rank(occurred_at: datetime, payment: Payment) -> tuple[datetime, int, datetime]:
+    confirmations = -1 if payment.confirmations is None else payment.confirmations
+    return (occurred_at, confirmations, payment.updated_at or _EPOCH)
 
 
 def _distinct_payments(facts: Iterable[Fact]) -> tuple[Payment, ...]:
     """One copy per (currency, txid): the one from the latest event by provider time, then the
-    one with the most confirmations (a payment repeated inside ``additionalPayments``)."""
-    best: dict[tuple[str, str], tuple[tuple[datetime, int, datetime, bytes], Payment]] = {}
+    one with the most confirmations (a payment repeated inside ``additionalPayments``); equal
+    ranks are settled by the copies' encoded bytes, so the choice never depends on order."""
+    best: dict[tuple[str, str], tuple[tuple[datetime, int, datetime], Payment]] = {}
     for fact in facts:
         for payment in fact.payments:
-            rank = (
-                fact.occurred_at,
-                -1 if payment.confirmations is None else payment.confirmations,
-                payment.updated_at or _EPOCH,
-                _payment_encoder.encode(payment),
-            )
             ident = (payment.currency, payment.txid)
             held = best.get(ident)
-            if held is None or rank > held[0]:
+            if held is None:
+                best[ident] = (_copy_rank(fact.occurred_at, payment), payment)
+                continue
+            rank = _copy_rank(fact.occurred_at, payment)
+            if rank > held[0] or (
+                rank == held[0]
+                and payment != held[1]
+                and _payment_encoder.encode(payment) > _payment_encoder.encode(held[1])
+            ):
                 best[ident] = (rank, payment)
+    if len(best) == 1:
+        return (next(iter(best.values()))[1],)
     return tuple(
         payment
         for _, payment in sorted(
@@ -183,7 +190,7 @@ def _distinct_payments(facts: Iterable[Fact]) -> tuple[Payment, ...]:
     )
 
 
-class _Content(msgspec.Struct, frozen=True, kw_only=True):
+class _Content(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     state: SettlementState
     order_id: str | None
     force_completed: bool
@@ -209,26 +216,24 @@ def _settle(provider: Provider, facts: tuple[Fact, ...]) -> _Content:
                 paid = _EXACT.add(paid, payment.amount)
     paid = _plain(paid)
 
-    with_expected = _latest(f for f in facts if f.expected_amount is not None)
+    # Latest first; each field comes from the latest fact that states it.
+    ordered = facts if len(facts) == 1 else sorted(facts, key=_order, reverse=True)
+    with_expected = next((f for f in ordered if f.expected_amount is not None), None)
     if with_expected is not None:
         expected = with_expected.expected_amount
         pay_currency = with_expected.pay_currency
     else:
         expected = None
-        with_currency = _latest(f for f in facts if f.pay_currency is not None)
-        pay_currency = with_currency.pay_currency if with_currency else None
+        pay_currency = next((f.pay_currency for f in ordered if f.pay_currency is not None), None)
     difference = None if expected is None else _plain(_EXACT.subtract(paid, expected))
 
-    with_diff = _latest(f for f in facts if f.amount_diff is not None)
-    amount_diff = with_diff.amount_diff if with_diff else None
+    amount_diff = next((f.amount_diff for f in ordered if f.amount_diff is not None), None)
     discrepancy = (
         amount_diff is not None
         and difference is not None
         and _EXACT.abs(difference) != _EXACT.abs(amount_diff)
     )
-
-    with_order = _latest(f for f in facts if f.order_id is not None)
-    order_id = with_order.order_id if with_order else None
+    order_id = next((f.order_id for f in ordered if f.order_id is not None), None)
 
     some_payment = bool(payments) or paid > 0
     state: SettlementState
@@ -241,8 +246,7 @@ def _settle(provider: Provider, facts: tuple[Fact, ...]) -> _Content:
         else:
             state = "underpaid"
     else:
-        latest = _latest(facts)
-        status = latest.status if latest else "created"
+        status = ordered[0].status
         if status == "expired":
             state = "expired_underpaid" if some_payment else "expired"
         elif status == "cancelled":

@@ -47,10 +47,11 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             state TEXT NOT NULL,
             data {blob}
         )""",
+        # The settlement versions stored but not yet published; the settlement itself is the
+        # one in the invoice's state (written in the same transaction).
         """CREATE TABLE IF NOT EXISTS outbox (
             key TEXT PRIMARY KEY,
-            version INTEGER NOT NULL,
-            settlement {blob} NOT NULL
+            version INTEGER NOT NULL
         )""",
     ),
 }
@@ -65,6 +66,10 @@ TRANSIENT_ERRORS: Final[tuple[type[Exception], ...]] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     OSError,
+)
+
+_UNPUBLISHED: Final = (
+    "SELECT o.key, o.version, i.data FROM outbox o JOIN invoices i ON i.key = o.key ORDER BY o.key"
 )
 
 # (key, version) of a settlement version already published.
@@ -122,8 +127,13 @@ async def open_store(url: str) -> Store:
     raise StoreError("store URL must start with sqlite:/// or postgresql://")
 
 
-def _outbox_rows(writes: Writes) -> list[tuple[str, int, bytes]]:
-    return [(k, s.version, _settlement_encoder.encode(s)) for k, s in writes.outbox.items()]
+def _outbox_rows(writes: Writes) -> list[tuple[str, int]]:
+    return [(k, s.version) for k, s in writes.outbox.items()]
+
+
+def _outbox_item(key: str, version: int, data: bytes) -> OutboxItem:
+    settlement = _state_decoder.decode(data).settlement
+    return OutboxItem(key, version, _settlement_encoder.encode(settlement))
 
 
 def _state_rows(writes: Writes) -> list[tuple[str, int, str, bytes]]:
@@ -223,9 +233,9 @@ class SqliteStore:
                 )
             if writes.outbox:
                 db.executemany(
-                    "INSERT INTO outbox (key, version, settlement) VALUES (?, ?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET version = excluded.version, "
-                    "settlement = excluded.settlement WHERE outbox.version < excluded.version",
+                    "INSERT INTO outbox (key, version) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET version = excluded.version "
+                    "WHERE outbox.version < excluded.version",
                     _outbox_rows(writes),
                 )
             db.execute("COMMIT")
@@ -235,14 +245,8 @@ class SqliteStore:
         return writes
 
     async def unpublished(self) -> list[OutboxItem]:
-        rows = await self._run(
-            lambda: (
-                self._conn()
-                .execute("SELECT key, version, settlement FROM outbox ORDER BY key")
-                .fetchall()
-            )
-        )
-        return [OutboxItem(k, v, bytes(s)) for k, v, s in rows]
+        rows = await self._run(lambda: self._conn().execute(_UNPUBLISHED).fetchall())
+        return [_outbox_item(k, v, d) for k, v, d in rows]
 
     async def mark_published(self, published: Sequence[Published]) -> None:
         if published:
@@ -367,19 +371,18 @@ class PostgresStore:
             if writes.outbox:
                 outbox_rows = _outbox_rows(writes)
                 await conn.execute(
-                    "INSERT INTO outbox (key, version, settlement) "
-                    "SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[]) "
-                    "ON CONFLICT (key) DO UPDATE SET version = excluded.version, "
-                    "settlement = excluded.settlement WHERE outbox.version < excluded.version",
+                    "INSERT INTO outbox (key, version) "
+                    "SELECT * FROM unnest($1::text[], $2::int[]) "
+                    "ON CONFLICT (key) DO UPDATE SET version = excluded.version "
+                    "WHERE outbox.version < excluded.version",
                     [r[0] for r in outbox_rows],
                     [r[1] for r in outbox_rows],
-                    [r[2] for r in outbox_rows],
                 )
             return writes
 
     async def unpublished(self) -> list[OutboxItem]:
-        rows = await self._pool.fetch("SELECT key, version, settlement FROM outbox ORDER BY key")
-        return [OutboxItem(r["key"], r["version"], bytes(r["settlement"])) for r in rows]
+        rows = await self._pool.fetch(_UNPUBLISHED)
+        return [_outbox_item(k, v, d) for k, v, d in rows]
 
     async def mark_published(self, published: Sequence[Published]) -> None:
         if not published:

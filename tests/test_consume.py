@@ -105,9 +105,13 @@ async def test_events_in_settlements_out(consume_settings: Settings) -> None:
     assert (b.state, b.paid_amount, b.difference) == ("paid", Decimal("0.0010"), Decimal(0))
     assert b.last_event_id == rest.event_id
     assert [r.key for r in records if r.key == b"bitfinex:a"] == [b"bitfinex:a"]  # once
-    # Every settlement record is keyed by its invoice and decodes as a Settlement.
+    # Every settlement record is keyed by its invoice, decodes as a Settlement, and sits on the
+    # partition its key gives (the same as the invoice's events, the topics being alike).
+    events = await read_topic(s, s.events_topic, lambda rs: len(rs) == 4)
+    partition_of = {r.key: r.partition for r in events}
     for record, settlement in zip(records, settlements_of(records), strict=True):
         assert record.key == invoice_key(settlement.provider, settlement.invoice_id).encode()
+        assert record.partition == partition_of[record.key]
 
 
 async def committed_offsets(settings: Settings) -> dict[int, int]:
