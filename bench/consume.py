@@ -314,9 +314,11 @@ async def main(total: int, batch: int) -> int:
             for settings in runs.values():
                 await preload(settings, work.events)
             # The records live in the broker now; a consumer process would not hold them, and a
-            # million live objects here would only slow down every garbage collection.
+            # million live objects here would only slow down every garbage collection. Then, as
+            # ``payhook consume`` does at start-up, freeze what is alive.
             work.events = []
             gc.collect()
+            gc.freeze()
             print(
                 f"preloaded {total:,} events x {len(runs)} topics "
                 f"({work.distinct:,} distinct, {total - work.distinct:,} duplicates) "
