@@ -182,7 +182,8 @@ class Consumer:
                 self._store = await open_store(self.settings.store_url)
             while not stop.is_set():
                 try:
-                    await self._connect()
+                    if not await self._connect_unless(stop):
+                        break
                     log.info("consumer_connected")
                     self.ready = True
                     self.metrics.ready.set(1)
@@ -207,6 +208,21 @@ class Consumer:
                 if self._own_store:
                     await self._store.close()
                     self._store = None
+
+    async def _connect_unless(self, stop: asyncio.Event) -> bool:
+        """Connects, unless ``stop`` comes first (a shutdown never waits on a group join)."""
+        connecting = asyncio.ensure_future(self._connect())
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.wait({connecting})
+            return False
+        connecting.result()
+        return True
 
     async def _connect(self) -> None:
         """Nothing in connecting may hang (a broker that is half up must not stall us), but

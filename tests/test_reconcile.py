@@ -18,6 +18,7 @@ from service.reconcile import (
     InvoiceState,
     apply,
     apply_all,
+    apply_batch,
     invoice_key,
     validate,
 )
@@ -372,6 +373,34 @@ def test_versions_count_changing_events_only() -> None:
     assert state.settlement.version == 3
     assert state.settlement.last_event_id == done.event_id
     assert state.settlement.state == "paid"
+
+
+def test_batch_publishes_only_the_latest_version_per_invoice() -> None:
+    created = event("created", payments=())
+    pending = event("pending", minutes=1, payments=(pay("a", "0.00003"),))
+    other = event(invoice_id="inv-2", payments=(pay("z", "0.00006262"),))
+    result = apply_batch({}, [created, other, pending, created], NOW)
+    assert result.outcomes == ["changed", "changed", "changed", "duplicate"]
+    assert set(result.settlements) == {"bitfinex:inv-1", "bitfinex:inv-2"}
+    assert result.settlements["bitfinex:inv-1"].version == 2
+    assert result.settlements["bitfinex:inv-1"].state == "partially_paid"
+    assert result.states["bitfinex:inv-1"].settlement == result.settlements["bitfinex:inv-1"]
+    assert result.rejected == {}
+    # A batch of known invoices: unchanged ones are stored (their facts grew), not published.
+    expired = event("expired", invoice_id="inv-2", minutes=5, expected=None, pay_currency=None)
+    again = apply_batch(result.states, [expired, other], NOW)
+    assert again.outcomes == ["unchanged", "duplicate"]
+    assert again.settlements == {}
+    assert set(again.states) == {"bitfinex:inv-2"}
+
+
+def test_an_event_beyond_exact_arithmetic_is_rejected_and_the_batch_goes_on() -> None:
+    huge = event(expected="1E+300", payments=(pay("a", "1E-300"),))
+    fine = event(invoice_id="inv-2", payments=(pay("b", "0.00006262"),))
+    result = apply_batch({}, [huge, fine], NOW)
+    assert result.outcomes == ["invalid", "changed"]
+    assert result.rejected == {0: "cannot reconcile: Inexact"}
+    assert set(result.states) == {"bitfinex:inv-2"}
 
 
 def test_state_round_trips_through_json() -> None:
