@@ -11,6 +11,14 @@ they were accepted (per invoice, which is what the consumer relies on; across th
 spool starts, an event still waiting for its ack can land after the first spooled one). An
 event whose send timed out may still be delivered by the producer later: it then appears
 twice on the topic with the same ``event-id`` header, and the consumer drops the repeat.
+
+Group produce: the events published while the previous group waits for its acknowledgement
+form the next group, sent as one record batch per partition (``send_batch``), so the cost of a
+send, its future and its timeout is paid per group, not per request. The partition is the one
+the producer's default partitioner gives the key (murmur2), so per-invoice order holds. One
+timer per group of deadlines answers the requests that waited ``publish_timeout`` with a
+timeout (they spool their event); an event whose request timed out before its group was sent
+is left out of the group.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Final, final
 
@@ -25,7 +34,9 @@ import msgspec
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerClosed
+from aiokafka.partitioner import murmur2
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from schemas.events import InvoiceEvent
 from service.errors import Unavailable
@@ -56,6 +67,52 @@ def encode_event(event: InvoiceEvent) -> bytes:
     return _ENCODER.encode(event)
 
 
+def partition_for(key: bytes, partitions: Sequence[int]) -> int:
+    """The partition aiokafka's (and Java's) default partitioner picks for ``key`` among
+    ``partitions`` sorted by id."""
+    hashed: int = murmur2(key)
+    return partitions[(hashed & 0x7FFFFFFF) % len(partitions)]
+
+
+@final
+class _Pending:
+    """One event waiting for its group's acknowledgement."""
+
+    __slots__ = ("deadline", "headers", "key", "value", "waiter")
+
+    def __init__(
+        self,
+        key: bytes,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        waiter: asyncio.Future[None],
+        deadline: float,
+    ) -> None:
+        self.key = key
+        self.value = value
+        self.headers = headers
+        self.waiter = waiter
+        self.deadline = deadline
+
+
+def _append(builder: BatchBuilder, pending: _Pending) -> bool:
+    """False when the batch is full."""
+    appended = builder.append(
+        timestamp=None, key=pending.key, value=pending.value, headers=pending.headers
+    )
+    return appended is not None
+
+
+def _settle(members: Sequence[_Pending], error: BaseException | None) -> None:
+    for member in members:
+        waiter = member.waiter
+        if not waiter.done():  # timed out (or its request was cancelled) meanwhile
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+
 @final
 class Publisher:
     """The producer of ``payhook.invoice-events.v1``.
@@ -79,6 +136,12 @@ class Publisher:
         self._to_kafka = metrics.publish_latency.labels("kafka")
         self._to_spool = metrics.publish_latency.labels("spool")
         self._failed = metrics.publish_latency.labels("failed")
+        # The group being gathered, and every event not yet timed out or answered, in order.
+        self._group: list[_Pending] = []
+        self._gathered = asyncio.Event()
+        self._outstanding: deque[_Pending] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -116,10 +179,22 @@ class Publisher:
             await asyncio.sleep(_RECONNECT_SECONDS)
 
     async def start(self) -> None:
+        self._sender = asyncio.create_task(self._send_groups(), name="publish-groups")
         if not await self._try_start():
             self._connector = asyncio.create_task(self._keep_connecting())
 
     async def close(self, within: float | None = None) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+        # Nothing waits here after run_app's shutdown; whoever still does spools its event.
+        group, self._group = self._group, []
+        _settle(group, ProducerClosed())
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._connector is not None:
             self._connector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -148,18 +223,21 @@ class Publisher:
         if spool is not None and (producer is None or spool.holds_events):
             await self._spool_event(spool, event, started)
             return
-        if producer is None:
+        if producer is None or self._sender is None:
             self._failed.observe(0)
             raise Unavailable("event store is not reachable", _RETRY_AFTER_SECONDS)
+        value = _ENCODER.encode(event)
+        key = event_key(event)
+        headers = event_headers(event)
+        waiter = asyncio.get_running_loop().create_future()
+        pending = _Pending(key, value, headers, waiter, started + self._settings.publish_timeout)
+        self._group.append(pending)
+        self._outstanding.append(pending)
+        if self._timer is None:
+            self._arm_timer(pending.deadline)
+        self._gathered.set()
         try:
-            async with asyncio.timeout(self._settings.publish_timeout):
-                delivery = await producer.send(
-                    self._topic,
-                    value=_ENCODER.encode(event),
-                    key=event_key(event),
-                    headers=event_headers(event),
-                )
-                await delivery
+            await waiter
         except (TimeoutError, KafkaError) as exc:
             self._topics_ready = False
             log.warning("publish_failed", error=type(exc).__name__, event_id=event.event_id)
@@ -171,6 +249,78 @@ class Publisher:
                 "the event could not be stored; retry later", _RETRY_AFTER_SECONDS
             ) from None
         self._to_kafka.observe(time.perf_counter() - started)
+
+    def _arm_timer(self, deadline: float) -> None:
+        # perf_counter and the loop's monotonic clock differ in origin, not in pace.
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(loop.time() + deadline - time.perf_counter(), self._expire)
+
+    def _expire(self) -> None:
+        """Times out the events that waited ``publish_timeout``; forgets the answered ones."""
+        self._timer = None
+        outstanding = self._outstanding
+        now = time.perf_counter()
+        while outstanding:
+            first = outstanding[0]
+            if not first.waiter.done():
+                if first.deadline > now:
+                    self._arm_timer(first.deadline)
+                    return
+                first.waiter.set_exception(TimeoutError())
+            outstanding.popleft()
+
+    async def _send_groups(self) -> None:
+        """One group at a time: the events published while it is in flight form the next."""
+        while True:
+            await self._gathered.wait()
+            self._gathered.clear()
+            group, self._group = self._group, []
+            try:
+                await self._send_group(group)
+            except (TimeoutError, KafkaError) as exc:
+                _settle(group, exc)
+            except Exception:  # a bug must not leave every later request waiting for nothing
+                log.exception("publish_group_failed")
+                _settle(group, KafkaError())
+
+    async def _send_group(self, group: list[_Pending]) -> None:
+        producer = self._producer
+        if producer is None:
+            raise ProducerClosed()
+        partitions = sorted(await producer.partitions_for(self._topic))
+        # In order: a partition's second batch (when the first filled up) follows its first.
+        batches: list[tuple[int, BatchBuilder, list[_Pending]]] = []
+        open_batches: dict[int, tuple[int, BatchBuilder, list[_Pending]]] = {}
+        for pending in group:
+            if pending.waiter.done():  # timed out before it could be sent: it is spooled
+                continue
+            partition = partition_for(pending.key, partitions)
+            batch = open_batches.get(partition)
+            if batch is None or not _append(batch[1], pending):
+                batch = open_batches[partition] = (partition, producer.create_batch(), [])
+                batches.append(batch)
+                _append(batch[1], pending)  # an empty batch takes any record
+            batch[2].append(pending)
+        deliveries: list[tuple[asyncio.Future[object], list[_Pending]]] = []
+        failure: BaseException | None = None
+        for partition, builder, members in batches:
+            if failure is None:
+                try:
+                    delivery = await producer.send_batch(builder, self._topic, partition=partition)
+                except (TimeoutError, KafkaError) as exc:
+                    failure = exc
+                else:
+                    deliveries.append((delivery, members))
+                    continue
+            # Not queued: what follows must not overtake these events, so it fails too.
+            _settle(members, failure)
+        for delivery, members in deliveries:
+            try:
+                await delivery
+            except (TimeoutError, KafkaError) as exc:
+                _settle(members, exc)
+            else:
+                _settle(members, None)
 
     async def _spool_event(self, spool: Spool, event: InvoiceEvent, started: float) -> None:
         spooled = SpooledEvent(
