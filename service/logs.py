@@ -14,6 +14,7 @@ import asyncio
 import atexit
 import logging
 import sys
+import time
 from typing import Any, BinaryIO, final
 
 import orjson
@@ -61,6 +62,28 @@ class LineWriter:
         self._file.flush()
 
 
+@final
+class UtcTimestamp:
+    """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it
+    (``2024-09-05T21:00:27.123456Z``), with the date and time formatted once per second:
+    it is on every request's line."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, logger: object, name: str, event: dict[str, Any]) -> dict[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        event["timestamp"] = f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        return event
+
+
 def configure_logging(
     log_format: str = "json", level: int = logging.INFO, *, cache: bool = True
 ) -> None:
@@ -70,7 +93,7 @@ def configure_logging(
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        UtcTimestamp(),
     ]
     renderer: Any
     factory: Any
