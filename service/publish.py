@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Final, final
 
@@ -95,6 +94,42 @@ class _Pending:
         self.deadline = deadline
 
 
+@final
+class _Group:
+    """The events gathered while the previous group was in flight, and the timer that answers
+    those that waited ``publish_timeout`` (deadlines rise along ``members``)."""
+
+    __slots__ = ("members", "timed_out", "timer")
+
+    def __init__(self) -> None:
+        self.members: list[_Pending] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = 0
+
+    def arm(self, deadline: float) -> None:
+        # perf_counter and the loop's monotonic clock differ in origin, not in pace.
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_at(loop.time() + deadline - time.perf_counter(), self.expire)
+
+    def expire(self) -> None:
+        self.timer = None
+        members = self.members
+        now = time.perf_counter()
+        while self.timed_out < len(members):
+            pending = members[self.timed_out]
+            if not pending.waiter.done():
+                if pending.deadline > now:
+                    self.arm(pending.deadline)
+                    return
+                pending.waiter.set_exception(TimeoutError())
+            self.timed_out += 1
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 def _append(builder: BatchBuilder, pending: _Pending) -> bool:
     """False when the batch is full."""
     appended = builder.append(
@@ -136,11 +171,8 @@ class Publisher:
         self._to_kafka = metrics.publish_latency.labels("kafka")
         self._to_spool = metrics.publish_latency.labels("spool")
         self._failed = metrics.publish_latency.labels("failed")
-        # The group being gathered, and every event not yet timed out or answered, in order.
-        self._group: list[_Pending] = []
+        self._group: _Group | None = None  # being gathered
         self._gathered = asyncio.Event()
-        self._outstanding: deque[_Pending] = deque()
-        self._timer: asyncio.TimerHandle | None = None
         self._sender: asyncio.Task[None] | None = None
 
     @property
@@ -190,11 +222,10 @@ class Publisher:
                 await self._sender
             self._sender = None
         # Nothing waits here after run_app's shutdown; whoever still does spools its event.
-        group, self._group = self._group, []
-        _settle(group, ProducerClosed())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        group, self._group = self._group, None
+        if group is not None:
+            group.disarm()
+            _settle(group.members, ProducerClosed())
         if self._connector is not None:
             self._connector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -231,11 +262,12 @@ class Publisher:
         headers = event_headers(event)
         waiter = asyncio.get_running_loop().create_future()
         pending = _Pending(key, value, headers, waiter, started + self._settings.publish_timeout)
-        self._group.append(pending)
-        self._outstanding.append(pending)
-        if self._timer is None:
-            self._arm_timer(pending.deadline)
-        self._gathered.set()
+        group = self._group
+        if group is None:
+            group = self._group = _Group()
+            group.arm(pending.deadline)
+            self._gathered.set()
+        group.members.append(pending)
         try:
             await waiter
         except (TimeoutError, KafkaError) as exc:
@@ -250,38 +282,23 @@ class Publisher:
             ) from None
         self._to_kafka.observe(time.perf_counter() - started)
 
-    def _arm_timer(self, deadline: float) -> None:
-        # perf_counter and the loop's monotonic clock differ in origin, not in pace.
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(loop.time() + deadline - time.perf_counter(), self._expire)
-
-    def _expire(self) -> None:
-        """Times out the events that waited ``publish_timeout``; forgets the answered ones."""
-        self._timer = None
-        outstanding = self._outstanding
-        now = time.perf_counter()
-        while outstanding:
-            first = outstanding[0]
-            if not first.waiter.done():
-                if first.deadline > now:
-                    self._arm_timer(first.deadline)
-                    return
-                first.waiter.set_exception(TimeoutError())
-            outstanding.popleft()
-
     async def _send_groups(self) -> None:
         """One group at a time: the events published while it is in flight form the next."""
         while True:
             await self._gathered.wait()
             self._gathered.clear()
-            group, self._group = self._group, []
+            group, self._group = self._group, None
+            if group is None:
+                continue
             try:
-                await self._send_group(group)
+                await self._send_group(group.members)
             except (TimeoutError, KafkaError) as exc:
-                _settle(group, exc)
+                _settle(group.members, exc)
             except Exception:  # a bug must not leave every later request waiting for nothing
                 log.exception("publish_group_failed")
-                _settle(group, KafkaError())
+                _settle(group.members, KafkaError())
+            finally:
+                group.disarm()
 
     async def _send_group(self, group: list[_Pending]) -> None:
         producer = self._producer
