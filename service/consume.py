@@ -132,15 +132,47 @@ async def _send_batched(
     return futures
 
 
-async def _bounded(awaitable: Awaitable[Any], seconds: float) -> bool:
-    """Waits at most ``seconds``; True when done. A hung call is left behind, not awaited."""
+async def _acked(futures: list[asyncio.Future[Any]], seconds: float) -> None:
+    """Waits until the broker acknowledged every send; raises the first failure, or
+    TimeoutError. Sends given up on may still fail later: their errors are seen, not leaked."""
+    for future in futures:
+        future.add_done_callback(_seen)
+    async with asyncio.timeout(seconds):
+        await asyncio.gather(*futures)
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _bounded(
+    awaitable: Awaitable[Any], seconds: float, leftovers: set[asyncio.Task[Any]] | None = None
+) -> bool:
+    """Waits at most ``seconds``; True when done. A call still hanging then is cancelled, or,
+    given ``leftovers``, left to finish in the background (a client's ``stop`` that completes
+    once the broker answers again) and collected there."""
     task = asyncio.ensure_future(awaitable)
     done, _ = await asyncio.wait({task}, timeout=seconds)
     if not done:
-        task.cancel()
+        if leftovers is None:
+            task.cancel()
+        else:
+            leftovers.add(task)
+        return False
+    if task.cancelled():
+        # Cancelled from inside the client (aiokafka's stop can end so): not our cancellation,
+        # and not done either.
         return False
     task.result()
     return True
+
+
+def _retrieve(task: asyncio.Task[Any]) -> bool:
+    """Marks a finished background task's outcome as seen (it was logged when it mattered)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("background_task_failed", error=type(task.exception()).__name__)
+    return False
 
 
 @final
@@ -166,6 +198,7 @@ class Consumer:
         self._producer: AIOKafkaProducer | None = None
         self._published: list[Published] = []
         self._inflight: asyncio.Task[None] | None = None
+        self._leftovers: set[asyncio.Task[Any]] = set()
         self.batches = 0
 
     @property
@@ -201,6 +234,7 @@ class Consumer:
             self.ready = False
             self.metrics.ready.set(0)
             await self._disconnect()
+            await self._collect_leftovers()
             if self._store is not None:
                 with contextlib.suppress(*TRANSIENT_ERRORS):
                     await self.store.mark_published(self._published)
@@ -210,19 +244,31 @@ class Consumer:
                     self._store = None
 
     async def _connect_unless(self, stop: asyncio.Event) -> bool:
-        """Connects, unless ``stop`` comes first (a shutdown never waits on a group join)."""
+        """Connects, unless ``stop`` comes first (a shutdown never waits on a group join).
+
+        The deadline does not rely on cancellation reaching the client code: a connect that
+        swallowed it and hangs on is left behind, and the next attempt starts afresh."""
+        settings = self.settings
+        deadline = settings.commit_timeout * 3 + self._join_within() + 1
         connecting = asyncio.ensure_future(self._connect())
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {connecting, stopping}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopping.cancel()
-        if not connecting.done():
-            connecting.cancel()
-            await asyncio.wait({connecting})
+        if connecting.done():
+            connecting.result()
+            return True
+        connecting.cancel()
+        self._leftovers.add(connecting)
+        if stop.is_set():
             return False
-        connecting.result()
-        return True
+        raise Stalled(f"connecting did not finish within {deadline:.0f}s")
+
+    def _join_within(self) -> float:
+        return max(30.0, 3 * self.settings.consumer_session_timeout_ms / 1000)
 
     async def _connect(self) -> None:
         """Nothing in connecting may hang (a broker that is half up must not stall us), but
@@ -230,8 +276,7 @@ class Consumer:
         settings = self.settings
         async with asyncio.timeout(settings.commit_timeout * 3):
             await self._connect_producer()
-        join_within = max(30.0, 3 * settings.consumer_session_timeout_ms / 1000)
-        async with asyncio.timeout(join_within):
+        async with asyncio.timeout(self._join_within()):
             await self._connect_consumer()
 
     async def _connect_producer(self) -> None:
@@ -274,10 +319,28 @@ class Consumer:
         producer, self._producer = self._producer, None
         timeout = self.settings.commit_timeout
         self.assigned.clear()
-        if consumer is not None and not await _bounded(consumer.stop(), timeout):
-            log.warning("consumer_stop_timeout")
-        if producer is not None and not await _bounded(producer.stop(), timeout):
-            log.warning("producer_stop_timeout")
+        for name, client in (("consumer", consumer), ("producer", producer)):
+            if client is None:
+                continue
+            try:
+                if not await _bounded(client.stop(), timeout, self._leftovers):
+                    log.warning("client_stop_unfinished", client=name)
+            except (KafkaError, OSError) as exc:
+                # A broken client may fail to stop cleanly; it is dropped all the same.
+                log.warning("client_stop_failed", client=name, error=type(exc).__name__)
+        self._leftovers = {t for t in self._leftovers if not t.done() or _retrieve(t)}
+
+    async def _collect_leftovers(self) -> None:
+        """At exit: the stops given up on earlier get one more bounded chance, then go."""
+        leftovers, self._leftovers = self._leftovers, set()
+        if not leftovers:
+            return
+        _, pending = await asyncio.wait(leftovers, timeout=self.settings.commit_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(leftovers)
+        for task in leftovers:
+            _retrieve(task)
 
     async def _publish_outbox(self) -> None:
         """Publishes every settlement version stored but not yet published (after a crash)."""
@@ -291,8 +354,7 @@ class Consumer:
             )
             for item in items
         ]
-        async with asyncio.timeout(self.settings.commit_timeout):
-            await asyncio.gather(*futures)
+        await _acked(futures, self.settings.commit_timeout)
         await self.store.mark_published([(i.key, i.version) for i in items])
         log.info("outbox_published", settlements=len(items))
 
@@ -411,8 +473,7 @@ class Consumer:
             settings.settlements_topic,
             ((key.encode(), encode(settlement)) for key, settlement in writes.outbox.items()),
         )
-        async with asyncio.timeout(settings.commit_timeout):
-            await asyncio.gather(*futures)
+        await _acked(futures, settings.commit_timeout)
         published_at = datetime.now(UTC)
         self._published.extend((k, s.version) for k, s in writes.outbox.items())
 

@@ -9,6 +9,11 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+# Imported here, at plugin load, on purpose: CPython 3.11.7 (gh-106905) raises "AST constructor
+# recursion depth mismatch" when pytest's assertion rewriter parses a module from a deep stack,
+# as hypothesis' own plugin does when it first imports hypothesis in the terminal summary of a
+# run that collected no hypothesis test.
+import hypothesis  # noqa: F401
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition

@@ -572,3 +572,52 @@ async def test_sigkill_mid_stream_then_restart_counts_every_payment_once(
         assert await store.unpublished() == []
     finally:
         await store.close()
+
+
+async def test_consumer_is_recreated_when_the_broker_hangs(
+    tmp_path: Path, consume_settings: Settings
+) -> None:
+    """A broker that stops answering (SIGSTOP: connections stay open, nothing comes back) is
+    the case where an unbounded publish or commit would wait forever."""
+    with LocalBroker(log_path=tmp_path / "tansu.log") as broker:
+        s = dataclasses.replace(consume_settings, kafka_bootstrap=broker.bootstrap)
+        assert broker._proc is not None
+        pid = broker._proc.pid
+        store = GatedStore(await open_store(s.store_url))
+        try:
+            await produce(s, [event_record(bitfinex_event("w1", 1, payments=[("w1", "0.001")]))])
+            async with running_consumer(s, store) as consumer:
+                await read_topic(s, s.settlements_topic, lambda rs: len(rs) == 1)
+                store.gate.clear()
+                held = bitfinex_event("w2", 1, payments=[("w2", "0.001")])
+                await produce(s, [event_record(held)])
+                await asyncio.wait_for(store.waiting.wait(), 30)
+                os.kill(pid, signal.SIGSTOP)
+                try:
+                    store.gate.set()
+                    await wait_for(
+                        lambda: counter(consumer, "payhook_consumer_restarts_total") >= 1,
+                        what="the hung clients to be given up",
+                    )
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                records = await read_topic(
+                    s,
+                    s.settlements_topic,
+                    lambda rs: "bitfinex:w2" in latest_settlements(rs),
+                    within=60,
+                )
+                # The held record was never committed: it comes again, as a harmless duplicate.
+                await wait_for(
+                    lambda: (
+                        counter(consumer, "payhook_consumer_events_total", outcome="duplicate") >= 1
+                    ),
+                    within=60,
+                    what="the redelivered record",
+                )
+            assert latest_settlements(records)["bitfinex:w2"].version == 1
+            state = await store.get("bitfinex:w2")
+            assert state is not None
+            assert [f.event_id for f in state.facts] == [held.event_id]
+        finally:
+            await store.close()
