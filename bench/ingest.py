@@ -5,7 +5,8 @@ Both servers run as their own processes on loopback; wrk (a separate C process, 
 
 - payhook: the real ``payhook serve`` with the local Tansu broker (acks=all, JSON logs to a
   file, the spool configured as in production).
-- floor: a bare aiohttp handler that only reads the body and answers 200.
+- floor: a bare aiohttp handler that only reads the body and answers 200, on asyncio's own
+  event loop (``--floor-loop uvloop`` gives it the loop payhook serve runs on).
 
 Printed: accepted/s, p50 and p99 for both, and the ratios. Verified: every request was answered
 200, and every event payhook accepted is on the topic (counted by reading it back).
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import uvloop
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
@@ -58,10 +60,11 @@ async def _floor_handler(request: web.Request) -> web.Response:
     return web.json_response({"status": "accepted"})
 
 
-def floor_main(port: int) -> None:
+def floor_main(port: int, loop: str) -> None:
     app = web.Application()
     app.router.add_post("/v1/webhooks/{provider}/{order_id}", _floor_handler)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+    event_loop = uvloop.new_event_loop() if loop == "uvloop" else asyncio.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None, loop=event_loop)
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -281,7 +284,7 @@ def measure(port: int, script: Path, pid: int) -> Load:
     return dataclasses.replace(load, cpu_us=used / max(1, load.requests) * 1e6)
 
 
-def main() -> int:
+def main(floor_loop: str) -> int:
     if not Path(WRK).exists():
         print("bench: wrk is not installed (make bench installs it)", file=sys.stderr)
         return 2
@@ -321,7 +324,15 @@ def main() -> int:
 
     floor_port = free_port()
     floor = subprocess.Popen(
-        [sys.executable, "-m", "bench.ingest", "--floor", str(floor_port)],
+        [
+            sys.executable,
+            "-m",
+            "bench.ingest",
+            "--floor",
+            str(floor_port),
+            "--floor-loop",
+            floor_loop,
+        ],
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -334,7 +345,7 @@ def main() -> int:
     ratio = payhook.per_second / baseline.per_second
     print(
         f"ingest benchmark: {CONNECTIONS} connections, {RUN_SECONDS}s after "
-        f"{WARMUP_SECONDS}s warm-up, wrk -t1"
+        f"{WARMUP_SECONDS}s warm-up, wrk -t1; floor on {floor_loop}'s event loop"
     )
     print(
         f"{'':10}{'accepted/s':>12}{'p50 ms':>9}{'p99 ms':>9}{'non-200':>9}{'errors':>8}"
@@ -382,8 +393,14 @@ def wait_ready_post(port: int, within: float = 20.0) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--floor", type=int, help="run the floor server on this port")
+    parser.add_argument(
+        "--floor-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the floor's event loop (payhook serve runs on uvloop)",
+    )
     args = parser.parse_args()
     if args.floor:
-        floor_main(args.floor)
+        floor_main(args.floor, args.floor_loop)
     else:
-        sys.exit(main())
+        sys.exit(main(args.floor_loop))
