@@ -1,12 +1,13 @@
 """``payhook consume``: invoice events in, settlements out.
 
-One batch at a time: ``getmany`` -> decode and validate (undecodable or invalid records go to
-the DLQ) -> one store transaction (dedupe by ``event_id``, reconcile, states + outbox) ->
-publish the batch's new settlement versions and DLQ records with ``acks=all`` -> commit the
-offsets. Offsets are committed only after both the store transaction and the publish, so a
-crash anywhere reprocesses the batch, and idempotency makes that harmless. A settlement version
-stored but not published when the process died waits in the outbox and is published at the next
-start.
+Per batch: ``getmany`` -> decode and validate (undecodable or invalid records go to the DLQ)
+-> one store transaction (dedupe by ``event_id``, reconcile, states + outbox) -> publish the
+batch's new settlement versions (the latest per invoice) and DLQ records with ``acks=all`` ->
+commit the offsets. While one batch is being published and committed the next is already read
+and stored; commits stay in batch order. Offsets are committed only after both the store
+transaction and the publish, so a crash anywhere reprocesses the batch, and idempotency makes
+that harmless. A settlement version stored but not published when the process died waits in the
+outbox and is published at the next start.
 
 Kafka clients that stop making progress (a commit that does not return in time: the local
 broker hangs commits after a restart) or fail are thrown away and recreated; their records are
