@@ -29,7 +29,9 @@ def test_signing_keys_are_required_and_first_mints() -> None:
     assert [k.kid for k in s.signing_keys] == ["new", "old"]
 
 
-@pytest.mark.parametrize("raw", ["nokid", "a:!!notbase64!!", "a:" + base64.b64encode(b"x").decode()])
+@pytest.mark.parametrize(
+    "raw", ["nokid", "a:!!notbase64!!", "a:" + base64.b64encode(b"x").decode()]
+)
 def test_malformed_keys_fail_fast(raw: str) -> None:
     with pytest.raises(SettingsError, match="PAYHOOK_SIGNING_KEYS"):
         load_settings({"PAYHOOK_SIGNING_KEYS": raw})
