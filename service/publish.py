@@ -297,6 +297,9 @@ class Publisher:
             except Exception:  # a bug must not leave every later request waiting for nothing
                 log.exception("publish_group_failed")
                 _settle(group.members, KafkaError())
+            except asyncio.CancelledError:  # closing: whoever still waits spools its event
+                _settle(group.members, ProducerClosed())
+                raise
             finally:
                 group.disarm()
 
