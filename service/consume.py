@@ -53,6 +53,8 @@ log = structlog.get_logger("payhook.consume")
 _decoder: Final = msgspec.json.Decoder(InvoiceEvent)
 _encoder: Final = msgspec.json.Encoder()
 _RETRY_SECONDS: Final = 1.0
+# How often an idle consumer checks that the broker still answers (see _probe_broker).
+_PROBE_SECONDS: Final = 1.0
 _partitioner: Final = DefaultPartitioner()
 _DLQ_ERROR_MAX: Final = 500  # header bytes: msgspec's message names the field, that is enough
 
@@ -371,6 +373,7 @@ class Consumer:
         decoded and stored. Commits stay in batch order (each finish awaits the previous)."""
         consumer = self._consumer
         assert consumer is not None
+        probed = time.monotonic()
         try:
             while not stop.is_set():
                 batch = await consumer.getmany(
@@ -380,6 +383,9 @@ class Consumer:
                     inflight, self._inflight = self._inflight, None
                     inflight.result()  # a failed publish or commit restarts the clients
                 if not batch:
+                    if time.monotonic() - probed >= _PROBE_SECONDS:
+                        await self._probe_broker(consumer)
+                        probed = time.monotonic()
                     continue
                 async with self.batch_lock:
                     staged = await self._stage(batch)
@@ -395,6 +401,21 @@ class Consumer:
                 error = None if last.cancelled() else last.exception()
                 if error is not None:
                     log.warning("batch_unfinished", reason=type(error).__name__)
+
+    async def _probe_broker(self, consumer: AIOKafkaConsumer) -> None:
+        """While idle, checks that the broker still answers; a consumer that lost it is
+        recreated rather than resumed. Its fetch positions live only in memory, and a broker
+        that comes back without its log (the local memory broker after a restart; an unclean
+        failover) would otherwise let it fetch from those stale positions and skip every record
+        below them. A fresh consumer starts from the committed offsets: at worst it reads some
+        records again, which event ids make harmless."""
+        try:
+            async with asyncio.timeout(self.settings.commit_timeout):
+                # aiokafka has no public "is the cluster there" call; this is what its own
+                # metadata refresh does, over the consumer's existing connections.
+                await consumer._client.fetch_all_metadata()
+        except (KafkaError, TimeoutError, OSError) as exc:
+            raise Stalled(f"the broker stopped answering ({type(exc).__name__})") from exc
 
     async def _stage(
         self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]

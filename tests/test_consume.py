@@ -413,6 +413,39 @@ async def test_consumer_is_recreated_across_a_broker_restart(
             await store.close()
 
 
+async def test_an_idle_consumer_that_lost_the_broker_rereads_from_committed_offsets(
+    tmp_path: Path, consume_settings: Settings
+) -> None:
+    """Nothing in flight when the broker dies, and it comes back empty (Tansu keeps nothing).
+    The consumer must not resume from the positions it held in memory: the new log soon holds
+    more records than it had read, and fetching from there would skip the first of them."""
+    with LocalBroker(log_path=tmp_path / "tansu.log") as broker:
+        s = dataclasses.replace(consume_settings, kafka_bootstrap=broker.bootstrap)
+        before = [bitfinex_event(f"b{i}", 1, payments=[(f"tb{i}", "0.001")]) for i in range(40)]
+        after = [bitfinex_event(f"a{i}", 1, payments=[(f"ta{i}", "0.002")]) for i in range(160)]
+        await produce(s, [event_record(e) for e in before])
+        async with running_consumer(s) as consumer:
+            await read_topic(s, s.settlements_topic, lambda rs: len(rs) == len(before))
+            broker.stop()
+            await wait_for(
+                lambda: counter(consumer, "payhook_consumer_restarts_total") >= 1,
+                what="the idle consumer to notice the broker is gone",
+            )
+            broker.start()
+            await produce(s, [])  # topics first: a fresh Tansu drops records meanwhile
+            await produce(s, [event_record(e) for e in after])
+            wanted = {f"bitfinex:{e.invoice_id}" for e in after}
+            # Settlements published just before the outage may come again from the outbox.
+            records = await read_topic(
+                s,
+                s.settlements_topic,
+                lambda rs: wanted <= latest_settlements(rs).keys(),
+                within=60,
+            )
+    latest = latest_settlements(records)
+    assert all(latest[key].paid_amount == Decimal("0.002") for key in wanted)
+
+
 # --- the process: probes, SIGTERM, SIGKILL ------------------------------------------------------
 
 PAYHOOK = str(Path(sys.executable).with_name("payhook"))
