@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -22,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from service.devbroker import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
@@ -32,12 +33,6 @@ PROMTOOL = Path("/usr/bin/promtool")
 
 # Recording rules are named payhook:...:..., so they never match this.
 _METRIC = re.compile(r"\bpayhook_[a-z0-9_]+\b")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def alert_rules() -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.devbroker import free_port
 from service.metrics import ConsumerMetrics, IngestMetrics
 from tests.fixtures_monitoring import (
     ALERT_TESTS,
@@ -38,7 +39,6 @@ from tests.fixtures_monitoring import (
     PROMTOOL,
     REPO,
     alert_rules,
-    free_port,
     queried_metrics,
 )
 

@@ -26,14 +26,13 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from service.auth import mint_secret
-from service.devbroker import LocalBroker
+from service.devbroker import LocalBroker, free_port
 from service.settings import Settings, load_settings
 from tests.fixtures_app import bitfinex, encode
 from tests.fixtures_kafka import TEST_ENV
 from tests.fixtures_monitoring import (
     PrometheusServer,
     dashboard_queries,
-    free_port,
     http_get,
     parse_exposition,
     queried_metrics,
