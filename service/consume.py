@@ -21,7 +21,7 @@ import contextlib
 import gc
 import signal
 import time
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, final
@@ -32,11 +32,10 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.events import InvoiceEvent
 from service.metrics import CONTENT_TYPE, ConsumerMetrics
-from service.publish import ensure_topics
+from service.publish import cluster_answers, ensure_topics, send_batched
 from service.reconcile import (
     BatchOutcome,
     InvalidEvent,
@@ -55,7 +54,6 @@ _encoder: Final = msgspec.json.Encoder()
 _RETRY_SECONDS: Final = 1.0
 # How often an idle consumer checks that the broker still answers (see _probe_broker).
 _PROBE_SECONDS: Final = 1.0
-_partitioner: Final = DefaultPartitioner()
 _DLQ_ERROR_MAX: Final = 500  # header bytes: msgspec's message names the field, that is enough
 
 
@@ -110,29 +108,6 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         if assigned:
             self._owner.assigned.set()
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
-
-
-async def _send_batched(
-    producer: AIOKafkaProducer, topic: str, records: Iterable[tuple[bytes, bytes]]
-) -> list[asyncio.Future[Any]]:
-    """Sends keyed records in one batch per partition (and as many more as fill up): a future
-    per batch instead of per record. Partitions are chosen exactly as ``send`` would."""
-    partitions = list(await producer.partitions_for(topic))
-    builders: dict[int, Any] = {}
-    futures: list[asyncio.Future[Any]] = []
-    for key, value in records:
-        partition = _partitioner(key, partitions, partitions)
-        builder = builders.get(partition)
-        if builder is None:
-            builder = builders[partition] = producer.create_batch()
-        if builder.append(key=key, value=value, timestamp=None) is None:  # full: send it
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
-            builder = builders[partition] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None) is None:
-                raise KafkaError(f"a record of {len(value)} bytes does not fit in a batch")
-    for partition, builder in builders.items():
-        futures.append(await producer.send_batch(builder, topic, partition=partition))
-    return futures
 
 
 async def _acked(futures: list[asyncio.Future[Any]], seconds: float) -> None:
@@ -409,13 +384,9 @@ class Consumer:
         failover) would otherwise let it fetch from those stale positions and skip every record
         below them. A fresh consumer starts from the committed offsets: at worst it reads some
         records again, which event ids make harmless."""
-        try:
-            async with asyncio.timeout(self.settings.commit_timeout):
-                # aiokafka has no public "is the cluster there" call; this is what its own
-                # metadata refresh does, over the consumer's existing connections.
-                await consumer._client.fetch_all_metadata()
-        except (KafkaError, TimeoutError, OSError) as exc:
-            raise Stalled(f"the broker stopped answering ({type(exc).__name__})") from exc
+        # The consumer exposes no client of its own; its metadata refresh goes through this one.
+        if not await cluster_answers(consumer._client, self.settings.commit_timeout):
+            raise Stalled("the broker stopped answering")
 
     async def _stage(
         self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]
@@ -490,10 +461,10 @@ class Consumer:
                 )
             )
         encode = _encoder.encode
-        futures += await _send_batched(
+        futures += await send_batched(
             producer,
             settings.settlements_topic,
-            ((key.encode(), encode(settlement)) for key, settlement in writes.outbox.items()),
+            ((key.encode(), encode(settlement), []) for key, settlement in writes.outbox.items()),
         )
         await _acked(futures, settings.commit_timeout)
         published_at = datetime.now(UTC)

@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
-from typing import Final, final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, TypeVar, final
 
 import msgspec
 import structlog
@@ -66,11 +66,69 @@ def encode_event(event: InvoiceEvent) -> bytes:
     return _ENCODER.encode(event)
 
 
+# aiokafka's batch builder takes headers as a list, nothing else.
+Headers = list[tuple[str, bytes]]
+Record = tuple[bytes, bytes, Headers]  # key, value, headers
+T = TypeVar("T")
+
+
 def partition_for(key: bytes, partitions: Sequence[int]) -> int:
     """The partition aiokafka's (and Java's) default partitioner picks for ``key`` among
     ``partitions`` sorted by id."""
     hashed: int = murmur2(key)
     return partitions[(hashed & 0x7FFFFFFF) % len(partitions)]
+
+
+def pack_batches(
+    producer: AIOKafkaProducer,
+    partitions: Sequence[int],
+    items: Iterable[T],
+    record_of: Callable[[T], Record],
+) -> list[tuple[int, BatchBuilder, list[T]]]:
+    """Packs the items' records, in order, into one record batch per partition (and another
+    when one fills up), on the partition the default partitioner gives the key, so per-key
+    order holds: (partition, batch, the items in it). A future per batch, not per record."""
+    batches: list[tuple[int, BatchBuilder, list[T]]] = []
+    open_batches: dict[int, tuple[int, BatchBuilder, list[T]]] = {}
+    for item in items:
+        key, value, headers = record_of(item)
+        partition = partition_for(key, partitions)
+        batch = open_batches.get(partition)
+        if (
+            batch is None
+            or batch[1].append(timestamp=None, key=key, value=value, headers=headers) is None
+        ):
+            batch = open_batches[partition] = (partition, producer.create_batch(), [])
+            batches.append(batch)
+            # An empty batch takes any record.
+            batch[1].append(timestamp=None, key=key, value=value, headers=headers)
+        batch[2].append(item)
+    return batches
+
+
+async def send_batched(
+    producer: AIOKafkaProducer, topic: str, records: Iterable[Record]
+) -> list[asyncio.Future[Any]]:
+    """Queues keyed records in batches (:func:`pack_batches`); a delivery future per batch."""
+    partitions = sorted(await producer.partitions_for(topic))
+    return [
+        await producer.send_batch(builder, topic, partition=partition)
+        for partition, builder, _ in pack_batches(producer, partitions, records, _itself)
+    ]
+
+
+def _itself(record: Record) -> Record:
+    return record
+
+
+async def cluster_answers(client: Any, within: float) -> bool:
+    """Whether Kafka answers a metadata request through ``client`` (an AIOKafkaClient) now."""
+    try:
+        async with asyncio.timeout(within):
+            await client.fetch_all_metadata()
+    except (TimeoutError, KafkaError, OSError):
+        return False
+    return True
 
 
 @final
@@ -92,6 +150,9 @@ class _Pending:
         self.headers = headers
         self.waiter = waiter
         self.deadline = deadline
+
+    def record(self) -> Record:
+        return self.key, self.value, self.headers
 
 
 @final
@@ -128,14 +189,6 @@ class _Group:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-
-def _append(builder: BatchBuilder, pending: _Pending) -> bool:
-    """False when the batch is full."""
-    appended = builder.append(
-        timestamp=None, key=pending.key, value=pending.value, headers=pending.headers
-    )
-    return appended is not None
 
 
 def _settle(members: Sequence[_Pending], error: BaseException | None) -> None:
@@ -251,15 +304,15 @@ class Publisher:
         started = time.perf_counter()
         producer = self._producer
         spool = self._spool
+        value = _ENCODER.encode(event)
+        key = event_key(event)
+        headers = event_headers(event)
         if spool is not None and (producer is None or spool.holds_events):
-            await self._spool_event(spool, event, started)
+            await self._spool_event(spool, (key, value, headers), event.event_id, started)
             return
         if producer is None or self._sender is None:
             self._failed.observe(0)
             raise Unavailable("event store is not reachable", _RETRY_AFTER_SECONDS)
-        value = _ENCODER.encode(event)
-        key = event_key(event)
-        headers = event_headers(event)
         waiter = asyncio.get_running_loop().create_future()
         pending = _Pending(key, value, headers, waiter, started + self._settings.publish_timeout)
         group = self._group
@@ -274,7 +327,7 @@ class Publisher:
             self._topics_ready = False
             log.warning("publish_failed", error=type(exc).__name__, event_id=event.event_id)
             if spool is not None:
-                await self._spool_event(spool, event, started)
+                await self._spool_event(spool, pending.record(), event.event_id, started)
                 return
             self._failed.observe(time.perf_counter() - started)
             raise Unavailable(
@@ -308,19 +361,13 @@ class Publisher:
         if producer is None:
             raise ProducerClosed()
         partitions = sorted(await producer.partitions_for(self._topic))
-        # In order: a partition's second batch (when the first filled up) follows its first.
-        batches: list[tuple[int, BatchBuilder, list[_Pending]]] = []
-        open_batches: dict[int, tuple[int, BatchBuilder, list[_Pending]]] = {}
-        for pending in group:
-            if pending.waiter.done():  # timed out before it could be sent: it is spooled
-                continue
-            partition = partition_for(pending.key, partitions)
-            batch = open_batches.get(partition)
-            if batch is None or not _append(batch[1], pending):
-                batch = open_batches[partition] = (partition, producer.create_batch(), [])
-                batches.append(batch)
-                _append(batch[1], pending)  # an empty batch takes any record
-            batch[2].append(pending)
+        batches = pack_batches(
+            producer,
+            partitions,
+            # One that timed out before it could be sent is spooled already.
+            (pending for pending in group if not pending.waiter.done()),
+            _Pending.record,
+        )
         deliveries: list[tuple[asyncio.Future[object], list[_Pending]]] = []
         failure: BaseException | None = None
         for partition, builder, members in batches:
@@ -342,18 +389,16 @@ class Publisher:
             else:
                 _settle(members, None)
 
-    async def _spool_event(self, spool: Spool, event: InvoiceEvent, started: float) -> None:
-        spooled = SpooledEvent(
-            key=event_key(event),
-            value=_ENCODER.encode(event),
-            headers=tuple(event_headers(event)),
-            spooled_at=time.time(),
-        )
+    async def _spool_event(
+        self, spool: Spool, record: Record, event_id: str, started: float
+    ) -> None:
+        key, value, headers = record
+        spooled = SpooledEvent(key=key, value=value, headers=tuple(headers), spooled_at=time.time())
         try:
             await spool.append(spooled)  # fsynced when it returns
         except Unavailable:
             self._failed.observe(time.perf_counter() - started)
-            log.error("spool_refused", event_id=event.event_id, depth=spool.depth)
+            log.error("spool_refused", event_id=event_id, depth=spool.depth)
             raise
         self._to_spool.observe(time.perf_counter() - started)
 
@@ -372,12 +417,9 @@ class Publisher:
             self._topics_ready = True
         try:
             async with asyncio.timeout(max(self._settings.publish_timeout, 5.0)):
-                deliveries = [
-                    await producer.send(
-                        self._topic, value=e.value, key=e.key, headers=list(e.headers)
-                    )
-                    for e in events
-                ]
+                deliveries = await send_batched(
+                    producer, self._topic, ((e.key, e.value, list(e.headers)) for e in events)
+                )
                 for outcome in await asyncio.gather(*deliveries, return_exceptions=True):
                     if isinstance(outcome, BaseException):
                         raise outcome
@@ -388,14 +430,7 @@ class Publisher:
     async def ready(self, within: float = 1.0) -> bool:
         """Kafka answers a metadata request now."""
         producer = self._producer
-        if producer is None:
-            return False
-        try:
-            async with asyncio.timeout(within):
-                await producer.client.fetch_all_metadata()
-        except (TimeoutError, KafkaError):
-            return False
-        return True
+        return producer is not None and await cluster_answers(producer.client, within)
 
 
 async def ensure_topics(settings: Settings, within: float = 10.0) -> dict[str, str | None]:

@@ -190,20 +190,16 @@ def _distinct_payments(facts: Iterable[Fact]) -> tuple[Payment, ...]:
     )
 
 
-class _Content(msgspec.Struct, frozen=True, kw_only=True, gc=False):
-    state: SettlementState
-    order_id: str | None
-    force_completed: bool
-    pay_currency: str | None
-    expected_amount: Decimal | None
-    paid_amount: Decimal
-    difference: Decimal | None
-    provider_amount_diff: Decimal | None
-    discrepancy: bool
-    payments: tuple[Payment, ...]
-
-
-def _settle(provider: Provider, facts: tuple[Fact, ...]) -> _Content:
+def settle(
+    provider: Provider,
+    invoice_id: str,
+    facts: tuple[Fact, ...],
+    *,
+    version: int,
+    last_event_id: str,
+    updated_at: datetime,
+) -> Settlement:
+    """The settlement that ``facts`` add up to (order of ``facts`` does not matter)."""
     payments = _distinct_payments(facts)
 
     if provider in RUNNING_TOTAL_PROVIDERS:
@@ -254,9 +250,11 @@ def _settle(provider: Provider, facts: tuple[Fact, ...]) -> _Content:
         else:
             state = "partially_paid" if some_payment else "awaiting_payment"
 
-    return _Content(
-        state=state,
+    return Settlement(
+        provider=provider,
+        invoice_id=invoice_id,
         order_id=order_id,
+        state=state,
         force_completed=any(p.force_completed for f in facts for p in f.payments),
         pay_currency=pay_currency,
         expected_amount=expected,
@@ -265,63 +263,9 @@ def _settle(provider: Provider, facts: tuple[Fact, ...]) -> _Content:
         provider_amount_diff=amount_diff,
         discrepancy=discrepancy,
         payments=payments,
-    )
-
-
-def _content_of(settlement: Settlement) -> _Content:
-    return _Content(
-        state=settlement.state,
-        order_id=settlement.order_id,
-        force_completed=settlement.force_completed,
-        pay_currency=settlement.pay_currency,
-        expected_amount=settlement.expected_amount,
-        paid_amount=settlement.paid_amount,
-        difference=settlement.difference,
-        provider_amount_diff=settlement.provider_amount_diff,
-        discrepancy=settlement.discrepancy,
-        payments=settlement.payments,
-    )
-
-
-def _build(
-    provider: Provider,
-    invoice_id: str,
-    content: _Content,
-    version: int,
-    last_event_id: str,
-    updated_at: datetime,
-) -> Settlement:
-    return Settlement(
-        provider=provider,
-        invoice_id=invoice_id,
-        order_id=content.order_id,
-        state=content.state,
-        force_completed=content.force_completed,
-        pay_currency=content.pay_currency,
-        expected_amount=content.expected_amount,
-        paid_amount=content.paid_amount,
-        difference=content.difference,
-        provider_amount_diff=content.provider_amount_diff,
-        discrepancy=content.discrepancy,
-        payments=content.payments,
         version=version,
         last_event_id=last_event_id,
         updated_at=updated_at,
-    )
-
-
-def settle(
-    provider: Provider,
-    invoice_id: str,
-    facts: tuple[Fact, ...],
-    *,
-    version: int,
-    last_event_id: str,
-    updated_at: datetime,
-) -> Settlement:
-    """The settlement that ``facts`` add up to (order of ``facts`` does not matter)."""
-    return _build(
-        provider, invoice_id, _settle(provider, facts), version, last_event_id, updated_at
     )
 
 
@@ -336,26 +280,27 @@ def apply(state: InvoiceState | None, event: InvoiceEvent, now: datetime) -> App
         return Applied(state, "duplicate")
     fact = fact_of(event)
     facts = (*state.facts, fact) if state is not None else (fact,)
-    content = _settle(event.provider, facts)
-    if state is None:
-        settlement = _build(event.provider, event.invoice_id, content, 1, event.event_id, now)
-        return Applied(InvoiceState(facts=facts, settlement=settlement), "changed")
-    previous = state.settlement
-    if content != _content_of(previous):
-        settlement = _build(
-            event.provider, event.invoice_id, content, previous.version + 1, event.event_id, now
-        )
-        return Applied(InvoiceState(facts=facts, settlement=settlement), "changed")
-    # Unchanged in value; rebuilt anyway so the stored digits are those every order gives.
-    settlement = _build(
+    settlement = settle(
         event.provider,
         event.invoice_id,
-        content,
-        previous.version,
-        previous.last_event_id,
-        previous.updated_at,
+        facts,
+        version=1 if state is None else state.settlement.version + 1,
+        last_event_id=event.event_id,
+        updated_at=now,
     )
-    return Applied(InvoiceState(facts=facts, settlement=settlement), "unchanged")
+    if state is None:
+        return Applied(InvoiceState(facts=facts, settlement=settlement), "changed")
+    previous = state.settlement
+    # Rebuilt even when unchanged in value, so the stored digits are those every order gives.
+    kept = msgspec.structs.replace(
+        settlement,
+        version=previous.version,
+        last_event_id=previous.last_event_id,
+        updated_at=previous.updated_at,
+    )
+    if kept != previous:
+        return Applied(InvoiceState(facts=facts, settlement=settlement), "changed")
+    return Applied(InvoiceState(facts=facts, settlement=kept), "unchanged")
 
 
 def apply_all(
