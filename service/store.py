@@ -24,7 +24,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +56,8 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     ),
 }
 
-_state_encoder: Final = msgspec.json.Encoder()
+_encoder: Final = msgspec.json.Encoder()
 _state_decoder: Final = msgspec.json.Decoder(InvoiceState)
-_settlement_encoder: Final = msgspec.json.Encoder()
 
 # Failures that may pass (a database restarting, a lock held too long): retry the batch.
 TRANSIENT_ERRORS: Final[tuple[type[Exception], ...]] = (
@@ -133,17 +132,31 @@ def _outbox_rows(writes: Writes) -> list[tuple[str, int]]:
 
 def _outbox_item(key: str, version: int, data: bytes) -> OutboxItem:
     settlement = _state_decoder.decode(data).settlement
-    return OutboxItem(key, version, _settlement_encoder.encode(settlement))
+    return OutboxItem(key, version, _encoder.encode(settlement))
 
 
 def _state_rows(writes: Writes) -> list[tuple[str, int, str, bytes]]:
     return [
-        (k, st.settlement.version, st.settlement.state, _state_encoder.encode(st))
+        (k, st.settlement.version, st.settlement.state, _encoder.encode(st))
         for k, st in writes.states.items()
     ]
 
 
 # --- SQLite -----------------------------------------------------------------------------------
+
+_SQLITE_FORGET: Final = "DELETE FROM outbox WHERE key = ? AND version = ?"
+
+
+@contextlib.contextmanager
+def _immediate(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One write transaction, taking the write lock up front; rolled back on any failure."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 @final
@@ -184,8 +197,7 @@ class SqliteStore:
         db.execute("PRAGMA journal_mode=WAL")
         # Offsets are committed to Kafka after this commit: it must survive a power loss too.
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(db):
             db.execute("CREATE TABLE IF NOT EXISTS payhook_schema (version INTEGER NOT NULL)")
             row = db.execute("SELECT max(version) FROM payhook_schema").fetchone()
             current = row[0] or 0
@@ -193,10 +205,6 @@ class SqliteStore:
                 for statement in _MIGRATIONS[version]:
                     db.execute(statement.format(blob="BLOB"))
                 db.execute("INSERT INTO payhook_schema (version) VALUES (?)", (version,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -212,11 +220,9 @@ class SqliteStore:
     def _transact(
         self, keys: Collection[str], update: Update[W], published: Sequence[Published]
     ) -> W:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with _immediate(self._conn()) as db:
             if published:
-                db.executemany("DELETE FROM outbox WHERE key = ? AND version = ?", published)
+                db.executemany(_SQLITE_FORGET, published)
             rows = db.execute(
                 "SELECT key, data FROM invoices WHERE key IN (SELECT value FROM json_each(?))",
                 (msgspec.json.encode(list(keys)),),
@@ -238,10 +244,6 @@ class SqliteStore:
                     "WHERE outbox.version < excluded.version",
                     _outbox_rows(writes),
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return writes
 
     async def unpublished(self) -> list[OutboxItem]:
@@ -253,14 +255,8 @@ class SqliteStore:
             await self._run(self._mark_published, published)
 
     def _mark_published(self, published: Sequence[Published]) -> None:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("DELETE FROM outbox WHERE key = ? AND version = ?", published)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        with _immediate(self._conn()) as db:
+            db.executemany(_SQLITE_FORGET, published)
 
     async def get(self, key: str) -> InvoiceState | None:
         row = await self._run(
@@ -292,6 +288,15 @@ _RETRYABLE: Final = (
 )
 _MAX_ATTEMPTS: Final = 10
 _MIGRATION_LOCK: Final = 0x70617968  # "payh": one migrator at a time
+_PG_FORGET: Final = (
+    "DELETE FROM outbox o USING unnest($1::text[], $2::int[]) AS p(key, version) "
+    "WHERE o.key = p.key AND o.version = p.version"
+)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """(Non-empty) rows as column lists, the shape ``unnest`` takes."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 @final
@@ -336,12 +341,7 @@ class PostgresStore:
     ) -> W:
         async with self._pool.acquire() as conn, conn.transaction():
             if published:
-                await conn.execute(
-                    "DELETE FROM outbox o USING unnest($1::text[], $2::int[]) AS p(key, version) "
-                    "WHERE o.key = p.key AND o.version = p.version",
-                    [k for k, _ in published],
-                    [v for _, v in published],
-                )
+                await conn.execute(_PG_FORGET, *_columns(published))
             # Placeholders first, in key order, so that every invoice has a row to lock.
             await conn.execute(
                 "INSERT INTO invoices (key, version, state) "
@@ -358,25 +358,19 @@ class PostgresStore:
             states = {r["key"]: decode(r["data"]) for r in rows if r["data"] is not None}
             writes = update(states)
             if writes.states:
-                state_rows = _state_rows(writes)
                 await conn.execute(
                     "UPDATE invoices SET version = u.version, state = u.state, data = u.data "
                     "FROM unnest($1::text[], $2::int[], $3::text[], $4::bytea[]) "
                     "AS u(key, version, state, data) WHERE invoices.key = u.key",
-                    [r[0] for r in state_rows],
-                    [r[1] for r in state_rows],
-                    [r[2] for r in state_rows],
-                    [r[3] for r in state_rows],
+                    *_columns(_state_rows(writes)),
                 )
             if writes.outbox:
-                outbox_rows = _outbox_rows(writes)
                 await conn.execute(
                     "INSERT INTO outbox (key, version) "
                     "SELECT * FROM unnest($1::text[], $2::int[]) "
                     "ON CONFLICT (key) DO UPDATE SET version = excluded.version "
                     "WHERE outbox.version < excluded.version",
-                    [r[0] for r in outbox_rows],
-                    [r[1] for r in outbox_rows],
+                    *_columns(_outbox_rows(writes)),
                 )
             return writes
 
@@ -387,12 +381,7 @@ class PostgresStore:
     async def mark_published(self, published: Sequence[Published]) -> None:
         if not published:
             return
-        await self._pool.execute(
-            "DELETE FROM outbox o USING unnest($1::text[], $2::int[]) AS p(key, version) "
-            "WHERE o.key = p.key AND o.version = p.version",
-            [k for k, _ in published],
-            [v for _, v in published],
-        )
+        await self._pool.execute(_PG_FORGET, *_columns(published))
 
     async def get(self, key: str) -> InvoiceState | None:
         data = await self._pool.fetchval("SELECT data FROM invoices WHERE key = $1", key)
