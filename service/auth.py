@@ -39,12 +39,15 @@ def _digest(key: bytes, provider: str, order_id: str) -> str:
     return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode("ascii")
 
 
+def _mint(key: SigningKey, provider: str, order_id: str) -> str:
+    return f"{key.kid}.{_digest(key.key.reveal(), provider, order_id)}"
+
+
 def mint_secret(keys: Sequence[SigningKey], provider: str, order_id: str) -> str:
     """The secret for one order, minted with the first (current) key."""
     if not keys:
         raise ValueError("no signing key configured")
-    key = keys[0]
-    return f"{key.kid}.{_digest(key.key.reveal(), provider, order_id)}"
+    return _mint(keys[0], provider, order_id)
 
 
 def verify_secret(keys: Sequence[SigningKey], provider: str, order_id: str, presented: str) -> bool:
@@ -54,7 +57,7 @@ def verify_secret(keys: Sequence[SigningKey], provider: str, order_id: str, pres
         return False
     for key in keys:
         if key.kid == kid:
-            expected = f"{kid}.{_digest(key.key.reveal(), provider, order_id)}"
+            expected = _mint(key, provider, order_id)
             # Encoded first: compare_digest refuses non-ASCII str, and a client may send any.
             return hmac.compare_digest(expected.encode(), presented.encode("utf-8", "replace"))
     return False
