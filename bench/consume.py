@@ -45,7 +45,7 @@ from schemas.events import InvoiceEvent, Payment, Provider, Settlement
 from service.consume import Consumer
 from service.devbroker import LocalBroker
 from service.metrics import ConsumerMetrics
-from service.publish import encode_event, ensure_topics, event_headers, event_key
+from service.publish import encode_event, ensure_topics, event_headers, event_key, send_batched
 from service.settings import Settings, load_settings
 from service.store import open_store
 
@@ -136,16 +136,11 @@ async def preload(settings: Settings, events: list[InvoiceEvent]) -> None:
     await producer.start()
     try:
         for start in range(0, len(events), 5000):
-            futures = [
-                await producer.send(
-                    settings.events_topic,
-                    value=encode_event(e),
-                    key=event_key(e),
-                    headers=event_headers(e),
-                )
+            records = (
+                (event_key(e), encode_event(e), event_headers(e))
                 for e in events[start : start + 5000]
-            ]
-            await asyncio.gather(*futures)
+            )
+            await asyncio.gather(*await send_batched(producer, settings.events_topic, records))
     finally:
         await producer.stop()
 

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from service.auth import mint_secret
-from service.devbroker import LocalBroker, free_port
+from service.devbroker import LocalBroker, free_port, stop_process, wait_for_port
 from service.publish import ensure_topics
 from service.settings import load_settings, parse_signing_keys
 
@@ -216,15 +215,6 @@ def accepted_in(log: Path) -> tuple[int, set[str]]:
     return count, ids
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 async def read_event_ids(
     bootstrap: str, topic: str, expected: int, within: float = 60.0
 ) -> tuple[int, set[str], int]:
@@ -316,7 +306,7 @@ def main(floor_loop: str) -> int:
             wait_ready(f"http://127.0.0.1:{http_port}/readyz")
             payhook = measure(http_port, script, serve.pid)
         finally:
-            stop(serve)
+            stop_process(serve, grace=30)
         answered, accepted = accepted_in(work / "serve.log")
         records, on_topic, misplaced = asyncio.run(
             read_event_ids(broker.bootstrap, settings.events_topic, answered)
@@ -336,10 +326,10 @@ def main(floor_loop: str) -> int:
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_ready_post(floor_port)
+        wait_for_port(floor_port, timeout=20)
         baseline = measure(floor_port, script, floor.pid)
     finally:
-        stop(floor)
+        stop_process(floor, grace=30)
     shutil.rmtree(work, ignore_errors=True)
 
     ratio = payhook.per_second / baseline.per_second
@@ -374,20 +364,6 @@ def main(floor_loop: str) -> int:
     met = ratio >= TARGET_RATIO and payhook.p99_ms <= TARGET_P99_MS
     print(f"verified: {'yes' if ok else 'NO'}; targets met: {'yes' if met else 'NO'}")
     return 0 if ok else 1
-
-
-def wait_ready_post(port: int, within: float = 20.0) -> None:
-    """The floor has no probe: any HTTP answer means it listens."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1)
-        except urllib.error.HTTPError:
-            return
-        except (urllib.error.URLError, ConnectionError):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"floor on {port} not up after {within}s") from None
-            time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,17 @@ def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> 
             time.sleep(0.02)
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``grace`` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @final
 class LocalBroker:
     """A Tansu broker process on 127.0.0.1:port. ``stop``/``start`` simulate an outage."""
@@ -89,16 +100,9 @@ class LocalBroker:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            if kill:
-                proc.kill()
-            else:
-                proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if kill:
+            proc.kill()
+        stop_process(proc, grace=5.0)
 
     def __enter__(self) -> LocalBroker:
         self.start()

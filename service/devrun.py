@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import importlib.util
 import os
 import signal
 import socket
@@ -44,12 +43,6 @@ def dev_signing_keys(path: Path = DEV_KEYS) -> str:
 def _port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _has_consumer() -> bool:
-    if importlib.util.find_spec("service.consume") is None:
-        return False
-    return hasattr(importlib.import_module("service.consume"), "run")
 
 
 def main() -> int:
@@ -88,7 +81,7 @@ def main() -> int:
     try:
         for topic, problem in asyncio.run(ensure_topics(settings)).items():
             print(f"devrun: topic {topic}: {problem or 'ok'}", flush=True)
-        verbs = ["serve", "consume"] if _has_consumer() else ["serve"]
+        verbs = ["serve", "consume"]
         for verb in verbs:
             children[verb] = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", verb], env=env, start_new_session=True

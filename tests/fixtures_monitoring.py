@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.devbroker import free_port
+from service.devbroker import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -182,9 +182,4 @@ def prometheus_server(tmp_path: Path) -> Iterator[PrometheusServer]:
         _wait_ready(port, process, log, timeout=30)
         yield PrometheusServer(port=port, targets=targets, process=process, log=log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace=10)
