@@ -15,7 +15,7 @@ import re
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, final
@@ -24,7 +24,6 @@ import orjson
 import structlog
 import uvloop
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import Counter, Histogram
 
 from schemas.events import PROVIDERS, InvoiceEvent
@@ -35,7 +34,7 @@ from service.auth import (
     verify_cryptopos_signature,
     verify_secret,
 )
-from service.logs import configure_logging
+from service.logs import bind_event, bind_request, configure_logging
 from service.metrics import CONTENT_TYPE, IngestMetrics
 from service.normalize import (
     decode,
@@ -110,7 +109,7 @@ def _error_response(exc: errors.PayhookError) -> web.Response:
     if isinstance(exc, errors.Unavailable):
         headers = {"Retry-After": str(exc.retry_after)}
     elif isinstance(exc, errors.MethodNotAllowed):
-        headers = {"Allow": "POST"}
+        headers = {"Allow": exc.allow}
     return _json(exc.status, {"error": exc.code, "detail": exc.detail}, headers)
 
 
@@ -120,6 +119,11 @@ def _error_response(exc: errors.PayhookError) -> web.Response:
 def _require_post(request: web.Request) -> None:
     if request.method != "POST":
         raise errors.MethodNotAllowed(f"{request.method} is not allowed here; use POST")
+
+
+def _require_get(request: web.Request) -> None:
+    if request.method not in ("GET", "HEAD"):
+        raise errors.MethodNotAllowed(f"{request.method} is not allowed here; use GET", "GET, HEAD")
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -156,8 +160,8 @@ def _refuse(request: web.Request) -> errors.PayhookError:
 
 
 async def _accept(request: web.Request, event: InvoiceEvent) -> web.Response:
-    # The request's summary line names the event (it reads the context variables).
-    structlog.contextvars.bind_contextvars(event_id=event.event_id)
+    # The request's summary line, and whatever publishing logs, name the event.
+    bind_event(event.event_id)
     await request.app[PUBLISHER].publish(event)
     body = b'{"status":"accepted","event_id":"' + event.event_id.encode() + b'"}'
     return web.Response(body=body, content_type=_JSON)
@@ -209,10 +213,12 @@ async def merchant_webhook(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    _require_get(request)
     return _json(200, {"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    _require_get(request)
     metrics = request.app[METRICS]
     if request.app[LIFECYCLE].shutting_down:
         metrics.ready.set(0)
@@ -227,11 +233,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
+    _require_get(request)
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-# --- middleware: errors, request id, metrics, one log line ------------------------------------
+# --- every route: errors, request id, metrics, one log line -----------------------------------
 
 _ids = itertools.count(1)
 _ID_PREFIX: Final = secrets.token_hex(4)
@@ -245,58 +252,70 @@ def _request_id(request: web.Request) -> str:
 
 
 def _from_http_exception(exc: web.HTTPException) -> web.Response:
-    """The router's own 404/405 (and anything else aiohttp raises), in our error format."""
+    """Whatever aiohttp raises from inside a handler, in our error format."""
     code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
     headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
     return _json(exc.status, {"error": code, "detail": exc.reason}, headers)
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Maps errors to responses, times the request, and logs one line about it.
+RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+
+def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
+    """The route's handler as the app registers it: maps errors to responses, times the
+    request, counts a webhook by provider and outcome, and logs one line about it.
+
+    Every route, the catch-all 404 included, is wrapped rather than passed through a
+    middleware: aiohttp's middleware chain cost about 6 us per request under the benchmark.
     The log line names the path without its query string: Bitfinex's token lives there.
     """
-    request_id = _request_id(request)
-    structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(request_id=request_id)
-    started = time.perf_counter()
-    error: str | None = None
-    response: web.StreamResponse
-    try:
-        response = await handler(request)
-    except errors.PayhookError as exc:
-        error = exc.code
-        response = _error_response(exc)
-    except web.HTTPException as exc:
-        response = _from_http_exception(exc)
-        error = _HTTP_CODES.get(exc.status, "bad_request")
-    except Exception:  # a bug must answer JSON 500 and be logged, not leak a traceback
-        log.exception("unhandled_error", path=request.path)
-        error = "internal"
-        response = _json(500, {"error": "internal", "detail": "internal error"})
-    elapsed = time.perf_counter() - started
-    response.headers["X-Request-Id"] = request_id
 
-    path = request.path
-    provider: str | None = None
-    if path.startswith(WEBHOOK_PREFIX):
-        name = request.match_info.get("provider")
-        provider = name if name in PROVIDERS else "unknown"
-        outcome = error or "accepted"
-        latency, count = request.app[WEBHOOK_SERIES].get(request.app[METRICS], provider, outcome)
-        latency.observe(elapsed)
-        count.inc()
-    log.info(
-        "request",
-        method=request.method,
-        path=path,
-        status=response.status,
-        error=error,
-        provider=provider,
-        duration_ms=round(elapsed * 1000, 3),
-    )
-    return response
+    async def handle(request: web.Request) -> web.StreamResponse:
+        request_id = _request_id(request)
+        fields = bind_request(request_id=request_id)
+        started = time.perf_counter()
+        error: str | None = None
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except errors.PayhookError as exc:
+            error = exc.code
+            response = _error_response(exc)
+        except web.HTTPException as exc:
+            response = _from_http_exception(exc)
+            error = _HTTP_CODES.get(exc.status, "bad_request")
+        except Exception:  # a bug must answer JSON 500 and be logged, not leak a traceback
+            log.exception("unhandled_error", path=request.path)
+            error = "internal"
+            response = _json(500, {"error": "internal", "detail": "internal error"})
+        elapsed = time.perf_counter() - started
+        response.headers["X-Request-Id"] = request_id
+
+        provider: str | None = None
+        if webhook:
+            name = request.match_info["provider"]
+            provider = name if name in PROVIDERS else "unknown"
+            app = request.app
+            latency, count = app[WEBHOOK_SERIES].get(app[METRICS], provider, error or "accepted")
+            latency.observe(elapsed)
+            count.inc()
+        log.info(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            error=error,
+            provider=provider,
+            duration_ms=round(elapsed * 1000, 3),
+            **fields,
+        )
+        return response
+
+    return handle
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise errors.NotFound(f"no route for {request.path}")
 
 
 # --- the application --------------------------------------------------------------------------
@@ -343,7 +362,7 @@ async def _mark_ready(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The ingest application; connects to nothing until it starts."""
-    app = web.Application(middlewares=[observe], client_max_size=settings.max_body_bytes)
+    app = web.Application(client_max_size=settings.max_body_bytes)
     metrics = IngestMetrics()
     app[SETTINGS] = settings
     app[METRICS] = metrics
@@ -357,11 +376,14 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_drainer)
     app.on_startup.append(_mark_ready)
     app.on_shutdown.append(_on_shutdown)
-    app.router.add_route("*", "/v1/webhooks/{provider}/{order_id}", per_order_webhook)
-    app.router.add_route("*", "/v1/webhooks/{provider}", merchant_webhook)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
+    # Every method reaches the handler, which answers 405 in our format itself.
+    route = app.router.add_route
+    route("*", "/v1/webhooks/{provider}/{order_id}", observed(per_order_webhook, webhook=True))
+    route("*", "/v1/webhooks/{provider}", observed(merchant_webhook, webhook=True))
+    route("*", "/healthz", observed(healthz))
+    route("*", "/readyz", observed(readyz))
+    route("*", "/metrics", observed(metrics_handler))
+    route("*", "/{path:.*}", observed(not_found))
     return app
 
 
@@ -419,7 +441,7 @@ def serve(settings: Settings) -> None:
         host=settings.http_host,
         port=settings.http_port,
         shutdown_timeout=settings.shutdown_timeout,
-        # Our middleware writes the access line, without the query string (Bitfinex's token).
+        # observed() writes the access line, without the query string (Bitfinex's token).
         access_log=None,
         print=None,
         handle_signals=True,

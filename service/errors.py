@@ -1,4 +1,4 @@
-"""The errors payhook answers with. One hierarchy, mapped to HTTP in one middleware (app.py).
+"""The errors payhook answers with. One hierarchy, mapped to HTTP in one place (app.observed).
 
 Each error carries its HTTP status and the stable ``error`` code of the public contract; the
 ``detail`` is for humans and never contains a secret or customer data.
@@ -31,6 +31,10 @@ class UnknownProvider(PayhookError):
 class MethodNotAllowed(PayhookError):
     status = 405
     code = "method_not_allowed"
+
+    def __init__(self, detail: str, allow: str = "POST") -> None:
+        super().__init__(detail)
+        self.allow = allow
 
 
 class PayloadTooLarge(PayhookError):

@@ -1,7 +1,9 @@
 """structlog configuration, in one function.
 
 One line per event, JSON by default (console for humans). Request-scoped values (the request
-id) come from context variables, bound by the app's middleware. Lines from the standard library
+id, then the event id) live in one context variable, set for each request by the app
+(:func:`bind_request`) and merged into every line logged while it is handled; aiohttp runs each
+request in its own task, so nothing carries over to the next. Lines from the standard library
 loggers (aiohttp, aiokafka) go through the same renderer.
 
 Never log a secret, a token, a query string or customer data: callers pass only ids, codes and
@@ -15,10 +17,40 @@ import atexit
 import logging
 import sys
 import time
-from typing import Any, BinaryIO, final
+from contextvars import ContextVar
+from typing import Any, BinaryIO, Final, final
 
 import orjson
 import structlog
+
+_REQUEST_FIELDS: Final[ContextVar[dict[str, str] | None]] = ContextVar(
+    "payhook_request_fields", default=None
+)
+
+
+def bind_request(**fields: str) -> dict[str, str]:
+    """Starts the log context of the request handled by the current task; what is added to
+    the returned dict later (the event id) joins the lines logged after that."""
+    bound = dict(fields)
+    _REQUEST_FIELDS.set(bound)
+    return bound
+
+
+def bind_event(event_id: str) -> None:
+    """Names the event in the rest of the current request's lines."""
+    fields = _REQUEST_FIELDS.get()
+    if fields is not None:
+        fields["event_id"] = event_id
+
+
+def merge_request_fields(logger: object, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The processor that adds the current request's fields (one lookup: structlog's own
+    ``merge_contextvars`` walks every context variable of the task, on every line)."""
+    fields = _REQUEST_FIELDS.get()
+    if fields:
+        for key, value in fields.items():
+            event.setdefault(key, value)
+    return event
 
 
 @final
@@ -91,7 +123,7 @@ def configure_logging(
 
     ``cache=False`` keeps loggers reconfigurable (tests that switch configurations)."""
     shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
+        merge_request_fields,
         structlog.processors.add_log_level,
         UtcTimestamp(),
     ]

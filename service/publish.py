@@ -34,8 +34,8 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, ProducerClosed
-from aiokafka.partitioner import murmur2
 from aiokafka.producer.message_accumulator import BatchBuilder
+from murmurhash2 import murmurhash2
 
 from schemas.events import InvoiceEvent
 from service.errors import Unavailable
@@ -52,6 +52,8 @@ _RETRY_AFTER_SECONDS: Final = 5
 _RECONNECT_SECONDS: Final = 1.0
 
 _ENCODER: Final = msgspec.json.Encoder()
+# Kafka's murmur2 is MurmurHash2 with this seed (org.apache.kafka.common.utils.Utils.murmur2).
+_MURMUR2_SEED: Final = 0x9747B28C
 
 
 def event_key(event: InvoiceEvent) -> bytes:
@@ -75,7 +77,7 @@ T = TypeVar("T")
 def partition_for(key: bytes, partitions: Sequence[int]) -> int:
     """The partition aiokafka's (and Java's) default partitioner picks for ``key`` among
     ``partitions`` sorted by id."""
-    hashed: int = murmur2(key)
+    hashed = murmurhash2(key, _MURMUR2_SEED)
     return partitions[(hashed & 0x7FFFFFFF) % len(partitions)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -12,10 +13,15 @@ from typing import Any
 import pytest
 import structlog
 from aiohttp.test_utils import TestClient
-from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 
-from service.logs import LineWriter, configure_logging
+from service.logs import (
+    LineWriter,
+    bind_event,
+    bind_request,
+    configure_logging,
+    merge_request_fields,
+)
 from service.settings import Settings
 from tests.fixtures_app import PII, ClientFactory, bitfinex, cryptopos_body, encode, token_for
 
@@ -32,7 +38,7 @@ async def test_one_summary_line_per_request_without_token_or_pii(
 ) -> None:
     client = await app_client(kafka_settings)
     token = token_for(kafka_settings, "bitfinex", "order123")
-    with capture_logs(processors=[merge_contextvars]) as logs:
+    with capture_logs(processors=[merge_request_fields]) as logs:
         accepted = await client.post(
             "/v1/webhooks/bitfinex/order123",
             data=encode(bitfinex()),
@@ -75,7 +81,7 @@ async def test_request_id_is_taken_from_the_caller_when_sane(
     app_client: ClientFactory, kafka_settings: Settings
 ) -> None:
     client = await app_client(kafka_settings)
-    with capture_logs(processors=[merge_contextvars]) as logs:
+    with capture_logs(processors=[merge_request_fields]) as logs:
         kept = await client.get("/healthz", headers={"X-Request-Id": "abc-123"})
         replaced = await client.get("/healthz", headers={"X-Request-Id": "bad id\twith spaces"})
     assert kept.headers["X-Request-Id"] == "abc-123"
@@ -101,18 +107,28 @@ def restore_logging() -> Iterator[None]:
 def test_json_lines_carry_context_variables(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("json", cache=False)
     log = structlog.get_logger("test")
-    with structlog.contextvars.bound_contextvars(request_id="r-1"):
+
+    def in_a_request() -> None:
+        bind_request(request_id="r-1")
         log.info("hello", n=1)
+        bind_event("e-1")
+        log.info("published")
+
+    contextvars.copy_context().run(in_a_request)
+    log.info("outside")
     logging.getLogger("aiokafka").warning("from the standard library %s", "too")
     logging.getLogger("aiokafka").info("below the library threshold")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert len(lines) == 2
+    assert len(lines) == 4
     assert lines[0]["event"] == "hello"
     assert lines[0]["request_id"] == "r-1"
+    assert "event_id" not in lines[0]
     assert lines[0]["level"] == "info"
     assert lines[0]["timestamp"].endswith("Z")
-    assert lines[1]["event"] == "from the standard library too"
-    assert lines[1]["logger"] == "aiokafka"
+    assert (lines[1]["request_id"], lines[1]["event_id"]) == ("r-1", "e-1")
+    assert "request_id" not in lines[2]
+    assert lines[3]["event"] == "from the standard library too"
+    assert lines[3]["logger"] == "aiokafka"
 
 
 @pytest.mark.usefixtures("restore_logging")
