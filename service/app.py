@@ -24,7 +24,6 @@ import orjson
 import structlog
 import uvloop
 from aiohttp import web
-from prometheus_client import Counter, Histogram
 
 from schemas.events import PROVIDERS, InvoiceEvent
 from service import errors
@@ -34,7 +33,7 @@ from service.auth import (
     verify_cryptopos_signature,
     verify_secret,
 )
-from service.logs import bind_event, bind_request, configure_logging
+from service.logs import bind_event, bind_request, configure_logging, request_logger
 from service.metrics import CONTENT_TYPE, IngestMetrics
 from service.normalize import (
     decode,
@@ -48,6 +47,7 @@ from service.settings import Settings
 from service.spool import Spool, drain_forever
 
 log = structlog.get_logger("payhook.http")
+access = request_logger("payhook.http")
 
 
 @final
@@ -56,29 +56,7 @@ class Lifecycle:
     shutting_down: bool = False
 
 
-@final
-class WebhookSeries:
-    """The labelled children of the webhook metrics, looked up once per (provider, outcome):
-    ``labels()`` takes a lock and builds a key on every call, and this is the hot path."""
-
-    __slots__ = ("_children",)
-
-    def __init__(self) -> None:
-        self._children: dict[tuple[str, str], tuple[Histogram, Counter]] = {}
-
-    def get(self, metrics: IngestMetrics, provider: str, outcome: str) -> tuple[Histogram, Counter]:
-        key = (provider, outcome)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                metrics.http_latency.labels(provider, outcome),
-                metrics.webhooks.labels(provider, outcome),
-            )
-        return children
-
-
 SETTINGS: Final = web.AppKey("settings", Settings)
-WEBHOOK_SERIES: Final = web.AppKey("webhook_series", WebhookSeries)
 METRICS: Final = web.AppKey("metrics", IngestMetrics)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 SPOOL: Final = web.AppKey("spool", Spool)
@@ -295,19 +273,17 @@ def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
         if webhook:
             name = request.match_info["provider"]
             provider = name if name in PROVIDERS else "unknown"
-            app = request.app
-            latency, count = app[WEBHOOK_SERIES].get(app[METRICS], provider, error or "accepted")
-            latency.observe(elapsed)
-            count.inc()
-        log.info(
-            "request",
-            method=request.method,
-            path=request.path,
-            status=response.status,
-            error=error,
-            provider=provider,
-            duration_ms=round(elapsed * 1000, 3),
-            **fields,
+            request.app[METRICS].webhooks.labels(provider, error or "accepted").observe(elapsed)
+        access.request(
+            {
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "error": error,
+                "provider": provider,
+                "duration_ms": round(elapsed * 1000, 3),
+                **fields,
+            }
         )
         return response
 
@@ -366,7 +342,6 @@ def create_app(settings: Settings) -> web.Application:
     metrics = IngestMetrics()
     app[SETTINGS] = settings
     app[METRICS] = metrics
-    app[WEBHOOK_SERIES] = WebhookSeries()
     app[SPOOL] = Spool(settings.spool_dir, settings.spool_max_bytes, metrics=metrics)
     app[PUBLISHER] = Publisher(settings, metrics, app[SPOOL])
     app[LIMITER] = FailureLimiter(settings.auth_failure_budget)
