@@ -204,16 +204,21 @@ def _canonical(value: Decimal | None) -> str | None:
     return "0" if text == "-0" else text
 
 
-def _amount(value: Decimal | None, path: str) -> Decimal | None:
-    """The amount, when it is a finite decimal of sane size."""
+def _path(parts: tuple[object, ...]) -> str:
+    return "".join(map(str, parts))
+
+
+def _amount(value: Decimal | None, *path: object) -> Decimal | None:
+    """The amount, when it is a finite decimal of sane size. ``path`` names the field, in
+    pieces joined only for an error message: this runs for every amount of every request."""
     if value is None:
         return None
     if not value.is_finite():
-        raise InvalidPayload(f"Expected a finite decimal, got `{value}` - at `{path}`")
+        raise InvalidPayload(f"Expected a finite decimal, got `{value}` - at `{_path(path)}`")
     _, digits, exponent = value.as_tuple()
     assert isinstance(exponent, int)
     if len(digits) > _MAX_DIGITS or not -_MAX_EXPONENT <= exponent <= _MAX_EXPONENT:
-        raise InvalidPayload(f"Decimal out of range - at `{path}`")
+        raise InvalidPayload(f"Decimal out of range - at `{_path(path)}`")
     return value
 
 
@@ -222,13 +227,13 @@ def _required_amount(value: Decimal, path: str) -> Decimal:
     return value
 
 
-def _time(text: str, path: str) -> datetime:
+def _time(text: str, *path: object) -> datetime:
     """An ISO 8601 / RFC 3339 time; one without an offset is UTC (Bitfinex's
-    ``YYYY-MM-DD hh:mm:ss`` is UTC)."""
+    ``YYYY-MM-DD hh:mm:ss`` is UTC). ``path`` as for :func:`_amount`."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidPayload(f"Invalid time {text[:64]!r} - at `{path}`") from None
+        raise InvalidPayload(f"Invalid time {text[:64]!r} - at `{_path(path)}`") from None
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value.astimezone(UTC)
@@ -261,12 +266,17 @@ def _bitfinex(hook: BitfinexWebhook) -> InvoiceEvent:
     payments: list[Payment] = []
     latest: datetime | None = None
     for path, p in _bitfinex_payments(hook):
-        created = _time(p.created_at, f"{path}.created_at") if p.created_at else None
-        updated = _time(p.updated_at, f"{path}.updated_at") if p.updated_at else None
+        created = _time(p.created_at, path, ".created_at") if p.created_at else None
+        if not p.updated_at:
+            updated = None
+        elif p.updated_at == p.created_at:  # the usual case: parsed once
+            updated = created
+        else:
+            updated = _time(p.updated_at, path, ".updated_at")
         payments.append(
             Payment(
                 txid=p.txid,
-                amount=_amount(p.amount, f"{path}.amount"),
+                amount=_amount(p.amount, path, ".amount"),
                 currency=p.currency,
                 method=p.method,
                 confirmations=p.confirmations,
@@ -285,13 +295,13 @@ def _bitfinex(hook: BitfinexWebhook) -> InvoiceEvent:
             raise InvalidPayload("Timestamp out of range - at `$.t`") from None
 
     entry: BitfinexInvoiceEntry | None = None
-    entry_path = "$.invoices[0].amount"
+    entry_index = 0
     pay_currency: str | None = None
     if hook.payment is not None:
         pay_currency = hook.payment.currency
         for i, candidate in enumerate(hook.invoices):
             if candidate.payCurrency == pay_currency:
-                entry, entry_path = candidate, f"$.invoices[{i}].amount"
+                entry, entry_index = candidate, i
                 break
         else:
             # A COMPLETED webhook lists only the paid entry.
@@ -311,7 +321,9 @@ def _bitfinex(hook: BitfinexWebhook) -> InvoiceEvent:
         amount=_required_amount(hook.amount, "$.amount"),
         currency=hook.currency,
         pay_currency=pay_currency,
-        expected_pay_amount=_amount(entry.amount, entry_path) if entry is not None else None,
+        expected_pay_amount=_amount(entry.amount, "$.invoices[", entry_index, "].amount")
+        if entry is not None
+        else None,
         payments=tuple(payments),
         amount_diff=_amount(hook.payment.amountDiff, "$.payment.amountDiff")
         if hook.payment is not None
@@ -364,11 +376,11 @@ def _cryptopos_payment(
         raise InvalidPayload(f"Object missing required field `currency` - at `{path}`")
     return Payment(
         txid=tx.tx,
-        amount=_amount(tx.amount, f"{path}.amount"),
+        amount=_amount(tx.amount, path, ".amount"),
         currency=currency,
         method=tx.network,
-        created_at=_time(tx.timestamp, f"{path}.timestamp") if tx.timestamp else None,
-        crypto_amount=_amount(tx.cryptoAmount, f"{path}.cryptoAmount"),
+        created_at=_time(tx.timestamp, path, ".timestamp") if tx.timestamp else None,
+        crypto_amount=_amount(tx.cryptoAmount, path, ".cryptoAmount"),
     )
 
 
