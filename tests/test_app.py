@@ -306,6 +306,17 @@ async def test_unavailable_carries_retry_after(offline_client: Client) -> None:
     assert int(response.headers["Retry-After"]) > 0
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/metrics"])
+async def test_probes_answer_head_and_refuse_post_with_allow(
+    offline_client: Client, path: str
+) -> None:
+    assert (await offline_client.head(path)).status == 200
+    response = await offline_client.post(path)
+    assert response.status == 405
+    assert await error_of(response) == "method_not_allowed"
+    assert response.headers["Allow"] == "GET, HEAD"
+
+
 async def test_probes_without_kafka(offline_client: Client) -> None:
     response = await offline_client.get("/healthz")
     assert response.status == 200
