@@ -291,7 +291,7 @@ def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
 
 
 async def not_found(request: web.Request) -> web.Response:
-    raise errors.NotFound(f"no route for {request.path}")
+    raise errors.NotFound("no such route")
 
 
 # --- the application --------------------------------------------------------------------------
