@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 
@@ -53,6 +54,23 @@ async def store_grows(cluster: Cluster, minimum: int, within: float) -> None:
         before = now
         assert time.monotonic() < deadline, "the consumer is not storing anything"
         await asyncio.sleep(0.002)  # a tight poll: the commit follows the store in milliseconds
+
+
+@contextlib.asynccontextmanager
+async def steady_load(
+    cluster: Cluster, http: aiohttp.ClientSession, tag: str, count: int
+) -> AsyncIterator[Load]:
+    """``count`` webhooks posted at ``RATE`` while the body runs; on exit waits for the rest."""
+    hooks = webhooks(cluster.env["PAYHOOK_SIGNING_KEYS"], tag, count)
+    load = Load(http, cluster.base_url, RATE)
+    running = asyncio.create_task(load.run(hooks))
+    try:
+        yield load
+    except BaseException:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        raise
+    await running
 
 
 async def finish(
@@ -118,55 +136,48 @@ async def test_broker_down_10s_then_restarted(
 async def test_sigkill_serve_with_events_in_its_spool(
     cluster: Cluster, http: aiohttp.ClientSession, verdicts: list[Verdict]
 ) -> None:
-    hooks = webhooks(cluster.env["PAYHOOK_SIGNING_KEYS"], "f2", 400)
-    load = Load(http, cluster.base_url, RATE)
-    running = asyncio.create_task(load.run(hooks))
-    await until(lambda: len(accepted_ids(load.outcomes)) >= 60, 30, "60 accepted")
-    # A frozen broker acks nothing: what is accepted now is only in serve's spool...
-    cluster.freeze_broker()
-    try:
-        spooled_from = len(accepted_ids(load.outcomes))
-        await until(lambda: len(accepted_ids(load.outcomes)) >= spooled_from + 30, 30, "30 spooled")
-        # ...and serve dies without a chance to flush anything.
-        cluster.serve.signal(signal.SIGKILL)
-        await cluster.serve.wait(10)
-    finally:
-        cluster.thaw_broker()
-    await cluster.serve.start()
-    await cluster.wait_serve_ready(http)
-    await running
+    async with steady_load(cluster, http, "f2", 400) as load:
+        await until(lambda: len(accepted_ids(load.outcomes)) >= 60, 30, "60 accepted")
+        # A frozen broker acks nothing: what is accepted now is only in serve's spool...
+        cluster.freeze_broker()
+        try:
+            spooled_from = len(accepted_ids(load.outcomes))
+            await until(
+                lambda: len(accepted_ids(load.outcomes)) >= spooled_from + 30, 30, "30 spooled"
+            )
+            # ...and serve dies without a chance to flush anything.
+            cluster.serve.signal(signal.SIGKILL)
+            await cluster.serve.wait(10)
+        finally:
+            cluster.thaw_broker()
+        await cluster.serve.start()
+        await cluster.wait_serve_ready(http)
     await finish("2 SIGKILL serve (spool non-empty)", cluster, http, load, verdicts)
 
 
 async def test_sigkill_consumer_mid_batch(
     cluster: Cluster, http: aiohttp.ClientSession, verdicts: list[Verdict]
 ) -> None:
-    hooks = webhooks(cluster.env["PAYHOOK_SIGNING_KEYS"], "f3", 400)
-    load = Load(http, cluster.base_url, RATE)
-    running = asyncio.create_task(load.run(hooks))
-    # Right after a batch landed in the store, while the next one is on its way.
-    await store_grows(cluster, 80, within=60)
-    cluster.consume.signal(signal.SIGKILL)
-    await cluster.consume.wait(10)
-    await cluster.consume.start()
-    await running
+    async with steady_load(cluster, http, "f3", 400) as load:
+        # Right after a batch landed in the store, while the next one is on its way.
+        await store_grows(cluster, 80, within=60)
+        cluster.consume.signal(signal.SIGKILL)
+        await cluster.consume.wait(10)
+        await cluster.consume.start()
     await finish("3 SIGKILL consume mid-batch", cluster, http, load, verdicts)
 
 
 async def test_sigterm_serve_under_load(
     cluster: Cluster, http: aiohttp.ClientSession, verdicts: list[Verdict]
 ) -> None:
-    hooks = webhooks(cluster.env["PAYHOOK_SIGNING_KEYS"], "f4", 400)
-    load = Load(http, cluster.base_url, RATE)
-    running = asyncio.create_task(load.run(hooks))
-    await until(lambda: len(accepted_ids(load.outcomes)) >= 80, 30, "80 accepted")
-    cluster.serve.signal(signal.SIGTERM)
-    # Readiness turns first, then in-flight requests finish and the process exits 0 in time.
-    await asyncio.wait_for(_until_status(http, f"{cluster.base_url}/readyz", 503), timeout=2)
-    assert await cluster.serve.wait(within=20) == 0
-    await cluster.serve.start()
-    await cluster.wait_serve_ready(http)
-    await running
+    async with steady_load(cluster, http, "f4", 400) as load:
+        await until(lambda: len(accepted_ids(load.outcomes)) >= 80, 30, "80 accepted")
+        cluster.serve.signal(signal.SIGTERM)
+        # Readiness turns first, then in-flight requests finish and the process exits 0 in time.
+        await asyncio.wait_for(_until_status(http, f"{cluster.base_url}/readyz", 503), timeout=2)
+        assert await cluster.serve.wait(within=20) == 0
+        await cluster.serve.start()
+        await cluster.wait_serve_ready(http)
     await finish("4 SIGTERM serve under load", cluster, http, load, verdicts)
 
 

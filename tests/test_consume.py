@@ -250,12 +250,14 @@ def _writes(result: Any) -> Writes:
     return Writes(states=result.states, outbox=result.settlements)
 
 
-class FailingOnceStore:
-    """The real store, whose first transaction fails as a lost database connection would."""
+class WrappedStore:
+    """The real store, with a hook a test overrides to act before each transaction."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
-        self.failures = 0
+
+    async def before_transact(self) -> None:
+        pass
 
     async def transact(
         self,
@@ -263,9 +265,7 @@ class FailingOnceStore:
         update: Callable[[Mapping[str, InvoiceState]], W],
         published: Sequence[Published] = (),
     ) -> W:
-        if self.failures == 0:
-            self.failures += 1
-            raise ConnectionResetError("database connection lost")
+        await self.before_transact()
         return await self.inner.transact(keys, update, published)
 
     async def unpublished(self) -> list[OutboxItem]:
@@ -279,6 +279,19 @@ class FailingOnceStore:
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class FailingOnceStore(WrappedStore):
+    """The real store, whose first transaction fails as a lost database connection would."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.failures = 0
+
+    async def before_transact(self) -> None:
+        if self.failures == 0:
+            self.failures += 1
+            raise ConnectionResetError("database connection lost")
 
 
 async def test_a_failed_store_transaction_commits_nothing_and_the_batch_comes_again(
@@ -333,37 +346,28 @@ async def test_consumer_on_postgres(kafka_settings: Settings, postgres_url: str)
     assert [x.txid for x in p.payments] == ["p1", "p2"]
 
 
-class GatedStore:
+class GatedStore(WrappedStore):
     """The real store, with a gate the test holds shut to freeze a batch mid-transaction."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gate = asyncio.Event()
         self.gate.set()
         self.waiting = asyncio.Event()
 
-    async def transact(
-        self,
-        keys: Collection[str],
-        update: Callable[[Mapping[str, InvoiceState]], W],
-        published: Sequence[Published] = (),
-    ) -> W:
+    async def before_transact(self) -> None:
         if not self.gate.is_set():
             self.waiting.set()
             await self.gate.wait()
-        return await self.inner.transact(keys, update, published)
 
-    async def unpublished(self) -> list[OutboxItem]:
-        return await self.inner.unpublished()
 
-    async def mark_published(self, published: Sequence[Published]) -> None:
-        await self.inner.mark_published(published)
-
-    async def get(self, key: str) -> InvoiceState | None:
-        return await self.inner.get(key)
-
-    async def close(self) -> None:
-        await self.inner.close()
+async def hold_a_batch(settings: Settings, store: GatedStore, event: InvoiceEvent) -> None:
+    """Once the consumer on ``store`` has published one settlement, shuts the gate and produces
+    ``event``; returns when its batch waits mid-transaction."""
+    await read_topic(settings, settings.settlements_topic, lambda rs: len(rs) == 1)
+    store.gate.clear()
+    await produce(settings, [event_record(event)])
+    await asyncio.wait_for(store.waiting.wait(), 30)
 
 
 async def test_consumer_is_recreated_across_a_broker_restart(
@@ -379,11 +383,8 @@ async def test_consumer_is_recreated_across_a_broker_restart(
         try:
             await produce(s, [event_record(bitfinex_event("g1", 1, payments=[("t1", "0.001")]))])
             async with running_consumer(s, store) as consumer:
-                await read_topic(s, s.settlements_topic, lambda rs: len(rs) == 1)
-                store.gate.clear()
                 held = bitfinex_event("g2", 1, payments=[("t2", "0.001")])
-                await produce(s, [event_record(held)])
-                await asyncio.wait_for(store.waiting.wait(), 30)
+                await hold_a_batch(s, store, held)
                 broker.stop()
                 store.gate.set()
                 await wait_for(
@@ -620,11 +621,8 @@ async def test_consumer_is_recreated_when_the_broker_hangs(
         try:
             await produce(s, [event_record(bitfinex_event("w1", 1, payments=[("w1", "0.001")]))])
             async with running_consumer(s, store) as consumer:
-                await read_topic(s, s.settlements_topic, lambda rs: len(rs) == 1)
-                store.gate.clear()
                 held = bitfinex_event("w2", 1, payments=[("w2", "0.001")])
-                await produce(s, [event_record(held)])
-                await asyncio.wait_for(store.waiting.wait(), 30)
+                await hold_a_batch(s, store, held)
                 os.kill(pid, signal.SIGSTOP)
                 try:
                     store.gate.set()

@@ -201,6 +201,17 @@ def serve_env(settings: Settings, port: int) -> dict[str, str]:
     }
 
 
+async def start_serve(settings: Settings, port: int) -> asyncio.subprocess.Process:
+    """``payhook serve`` as a process on ``port``, its output discarded."""
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("payhook")),
+        "serve",
+        env=serve_env(settings, port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
 async def wait_status(http: ClientSession, url: str, status: int, within: float = 30) -> None:
     """Polls ``url`` until it answers ``status`` (a condition with a deadline)."""
     async with asyncio.timeout(within):
@@ -220,14 +231,7 @@ async def test_sigterm_readiness_first_inflight_finishes_exit_zero(
     settings = settings_factory(kafka_bootstrap=own_broker.bootstrap)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    payhook = str(Path(sys.executable).with_name("payhook"))
-    proc = await asyncio.create_subprocess_exec(
-        payhook,
-        "serve",
-        env=serve_env(settings, port),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await start_serve(settings, port)
     try:
         await wait_status(http, f"{base}/readyz", 200)
         freeze(own_broker)  # the request below stays in flight for publish_timeout
@@ -257,13 +261,7 @@ async def test_sigterm_readiness_first_inflight_finishes_exit_zero(
             proc.kill()
             await proc.wait()
     # The in-flight event was spooled (or acked late): a new process delivers it.
-    proc = await asyncio.create_subprocess_exec(
-        payhook,
-        "serve",
-        env=serve_env(settings, port),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = await start_serve(settings, port)
     try:
         records = await read_records(own_broker.bootstrap, settings.events_topic, 1, within=30)
         assert event_id in event_ids(records)
