@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Final, final
 
 import orjson
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.typing import EventDict, WrappedLogger
 
 _REQUEST_FIELDS: Final[ContextVar[dict[str, str] | None]] = ContextVar(
@@ -119,6 +120,21 @@ class LineWriter:
         self._file.flush()
 
 
+def drop_request_bytes(logger: WrappedLogger, name: str, event: EventDict) -> EventDict:
+    """aiohttp logs a request it cannot parse (a line or header too long, a malformed header)
+    with the parser's exception, whose message quotes the raw bytes: the URL's ``token``, a
+    ``Token`` header. Only which error it was is kept; a client's garbage is a warning."""
+    exc_info = event.get("exc_info")
+    error = exc_info[1] if isinstance(exc_info, tuple) else None
+    if isinstance(error, HttpProcessingError):
+        del event["exc_info"]
+        event["event"] = "bad_http_request"
+        event["error"] = type(error).__name__
+        event["status"] = error.code
+        event["level"] = "warning"
+    return event
+
+
 @final
 class UtcTimestamp:
     """``timestamp`` as structlog's ``TimeStamper(fmt="iso", utc=True)`` writes it
@@ -179,7 +195,12 @@ def configure_logging(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            foreign_pre_chain=[
+                *shared,
+                structlog.stdlib.add_logger_name,
+                drop_request_bytes,
+                structlog.processors.format_exc_info,
+            ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 foreign_renderer,

@@ -169,3 +169,32 @@ def test_outside_a_loop_lines_are_written_at_once() -> None:
     file = CountingFile()
     LineWriter(file).error(b"x")
     assert file.getvalue() == b"x\n"
+
+
+@pytest.mark.usefixtures("restore_logging")
+async def test_a_request_aiohttp_cannot_parse_is_logged_without_its_bytes(
+    app_client: ClientFactory, offline_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("json", cache=False)
+    client = await app_client(offline_settings)
+    secret = token_for(offline_settings, "bitfinex", "order123")
+    path = "/v1/webhooks/bitfinex/order123"
+    malformed = [
+        f"POST {path}?token={secret}{'A' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nToken: {secret}{'B' * 9000}\r\n\r\n",
+        f"POST {path}?token={secret} HTTP/1.1\r\nHost: x\r\nBad Header: {secret}\r\n\r\n",
+    ]
+    for raw in malformed:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(raw.encode())
+        status_line = await reader.readline()  # aiohttp logs before it answers
+        writer.close()
+        await writer.wait_closed()
+        assert status_line.split()[1] == b"400"
+    err = capsys.readouterr().err
+    assert secret not in err
+    assert secret.split(".")[1][:12] not in err
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    refused = [line for line in lines if line["event"] == "bad_http_request"]
+    assert [line["error"] for line in refused] == ["LineTooLong", "LineTooLong", "BadHttpMessage"]
+    assert all(line["status"] == 400 and line["level"] == "warning" for line in refused)
