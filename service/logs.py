@@ -57,17 +57,25 @@ def merge_request_fields(logger: WrappedLogger, name: str, event: EventDict) -> 
 
 class RequestLogger(structlog.BoundLoggerBase):
     """A structlog wrapper class (structlog's "custom wrappers") for the one line per request:
-    the line's fields, already one dict, go through the configured processors as they are.
-    The generic bound logger copies its keyword arguments three times on the way: 5.6 against
-    3.2 us a line measured in the serving process, on every request."""
+    the line's fields, already one dict that nothing else holds, go through the configured
+    processors as they are. The generic bound logger copies its keyword arguments three times
+    and its context once on the way: 8 against 5 us a line in the serving process, on every
+    request. Nothing is bound to this logger, so there is no context to merge."""
 
     def request(self, fields: dict[str, Any]) -> None:
         """Logs ``fields`` as the ``request`` event, at info level."""
+        fields["event"] = "request"
+        logger = self._logger
+        line: Any = fields
         try:
-            args, kw = self._process_event("info", "request", fields)
+            for processor in self._processors:
+                line = processor(logger, "info", line)
         except structlog.DropEvent:
             return
-        self._logger.info(*args, **kw)
+        if isinstance(line, dict):  # a chain without a renderer (structlog allows it)
+            logger.info(**line)
+        else:
+            logger.info(line)
 
 
 def request_logger(name: str) -> RequestLogger:

@@ -198,3 +198,28 @@ async def test_a_request_aiohttp_cannot_parse_is_logged_without_its_bytes(
     refused = [line for line in lines if line["event"] == "bad_http_request"]
     assert [line["error"] for line in refused] == ["LineTooLong", "LineTooLong", "BadHttpMessage"]
     assert all(line["status"] == 400 and line["level"] == "warning" for line in refused)
+
+
+@pytest.mark.usefixtures("restore_logging")
+@pytest.mark.parametrize("log_format", ["json", "console"])
+async def test_the_request_line_goes_through_the_configured_processors(
+    app_client: ClientFactory,
+    offline_settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+    log_format: str,
+) -> None:
+    configure_logging(log_format, cache=False)
+    client = await app_client(offline_settings)
+    response = await client.get("/healthz", headers={"X-Request-Id": "req-7"})
+    assert response.status == 200
+    err = capsys.readouterr().err  # written the loop turn after, before the answer is read
+    if log_format == "console":
+        assert "request" in err
+        assert "request_id=req-7" in err
+        return
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    (line,) = [line for line in lines if line["event"] == "request"]
+    assert line["level"] == "info"
+    assert line["timestamp"].endswith("Z")
+    assert (line["request_id"], line["path"], line["method"]) == ("req-7", "/healthz", "GET")
+    assert (line["status"], line["error"], line["provider"]) == (200, None, None)
