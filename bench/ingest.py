@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -286,14 +287,6 @@ def start_floor(floor_loop: str) -> tuple[subprocess.Popen[bytes], int]:
     return floor, port
 
 
-def median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    if len(ordered) % 2:
-        return ordered[middle]
-    return (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def main(floor_loop: str, rounds: int) -> int:
     if not Path(WRK).exists():
         print("bench: wrk is not installed (make bench installs it)", file=sys.stderr)
@@ -341,7 +334,7 @@ def main(floor_loop: str, rounds: int) -> int:
     shutil.rmtree(work, ignore_errors=True)
 
     ratios = [payhook.per_second / floor.per_second for payhook, floor in results]
-    ratio = median(ratios)
+    ratio = statistics.median(ratios)
     worst_p99 = max(payhook.p99_ms for payhook, _ in results)
     print(
         f"ingest benchmark: {CONNECTIONS} connections, {RUN_SECONDS}s after "
