@@ -94,14 +94,12 @@ def _error_response(exc: errors.PayhookError) -> web.Response:
 # --- request handling -------------------------------------------------------------------------
 
 
-def _require_post(request: web.Request) -> None:
-    if request.method != "POST":
-        raise errors.MethodNotAllowed(f"{request.method} is not allowed here; use POST")
-
-
-def _require_get(request: web.Request) -> None:
-    if request.method not in ("GET", "HEAD"):
-        raise errors.MethodNotAllowed(f"{request.method} is not allowed here; use GET", "GET, HEAD")
+def _require(request: web.Request, *methods: str) -> None:
+    """405 for any other method: every route takes them all, so the answer is ours."""
+    if request.method not in methods:
+        raise errors.MethodNotAllowed(
+            f"{request.method} is not allowed here; use {methods[0]}", ", ".join(methods)
+        )
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -152,7 +150,7 @@ async def per_order_webhook(request: web.Request) -> web.Response:
         if provider in PROVIDERS:
             raise errors.NotFound(f"{provider} posts to {WEBHOOK_PREFIX}{provider}")
         raise errors.UnknownProvider("no such provider")
-    _require_post(request)
+    _require(request, "POST")
     body = await _read_body(request)
     order_id = request.match_info["order_id"]
     presented = request.headers.get("Token") or request.query.get("token")
@@ -177,7 +175,7 @@ async def merchant_webhook(request: web.Request) -> web.Response:
         raise errors.UnknownProvider("no such provider")
     if secret is None:
         raise errors.UnknownProvider("Crypto POS is not configured")
-    _require_post(request)
+    _require(request, "POST")
     body = await _read_body(request)
     signature, data = split_cryptopos(body)
     if (
@@ -191,12 +189,12 @@ async def merchant_webhook(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    _require_get(request)
+    _require(request, "GET", "HEAD")
     return _json(200, {"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    _require_get(request)
+    _require(request, "GET", "HEAD")
     metrics = request.app[METRICS]
     if request.app[LIFECYCLE].shutting_down:
         metrics.ready.set(0)
@@ -211,7 +209,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    _require_get(request)
+    _require(request, "GET", "HEAD")
     body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
@@ -227,13 +225,6 @@ def _request_id(request: web.Request) -> str:
     if incoming and _REQUEST_ID.fullmatch(incoming):
         return incoming
     return f"{_ID_PREFIX}-{next(_ids)}"
-
-
-def _from_http_exception(exc: web.HTTPException) -> web.Response:
-    """Whatever aiohttp raises from inside a handler, in our error format."""
-    code = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
-    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-    return _json(exc.status, {"error": code, "detail": exc.reason}, headers)
 
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -259,9 +250,9 @@ def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
         except errors.PayhookError as exc:
             error = exc.code
             response = _error_response(exc)
-        except web.HTTPException as exc:
-            response = _from_http_exception(exc)
-            error = _HTTP_CODES.get(exc.status, "bad_request")
+        except web.HTTPException as exc:  # aiohttp's own, raised from inside a handler
+            error = _HTTP_CODES.get(exc.status, "bad_request" if exc.status < 500 else "internal")
+            response = _json(exc.status, {"error": error, "detail": exc.reason})
         except Exception:  # a bug must answer JSON 500 and be logged, not leak a traceback
             log.exception("unhandled_error", path=request.path)
             error = "internal"

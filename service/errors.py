@@ -32,7 +32,7 @@ class MethodNotAllowed(PayhookError):
     status = 405
     code = "method_not_allowed"
 
-    def __init__(self, detail: str, allow: str = "POST") -> None:
+    def __init__(self, detail: str, allow: str) -> None:
         super().__init__(detail)
         self.allow = allow
 
