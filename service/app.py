@@ -241,7 +241,7 @@ def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         request_id = _request_id(request)
-        fields = bind_request(request_id=request_id)
+        bind_request(request_id)
         started = time.perf_counter()
         error: str | None = None
         response: web.StreamResponse
@@ -273,7 +273,6 @@ def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
                 "error": error,
                 "provider": provider,
                 "duration_ms": round(elapsed * 1000, 3),
-                **fields,
             }
         )
         return response

@@ -30,12 +30,9 @@ _REQUEST_FIELDS: Final[ContextVar[dict[str, str] | None]] = ContextVar(
 )
 
 
-def bind_request(**fields: str) -> dict[str, str]:
-    """Starts the log context of the request handled by the current task; what is added to
-    the returned dict later (the event id) joins the lines logged after that."""
-    bound = dict(fields)
-    _REQUEST_FIELDS.set(bound)
-    return bound
+def bind_request(request_id: str) -> None:
+    """Starts the log context of the request handled by the current task."""
+    _REQUEST_FIELDS.set({"request_id": request_id})
 
 
 def bind_event(event_id: str) -> None:

@@ -109,7 +109,7 @@ def test_json_lines_carry_context_variables(capsys: pytest.CaptureFixture[str]) 
     log = structlog.get_logger("test")
 
     def in_a_request() -> None:
-        bind_request(request_id="r-1")
+        bind_request("r-1")
         log.info("hello", n=1)
         bind_event("e-1")
         log.info("published")
