@@ -8,7 +8,6 @@ signs inside the body, so its envelope is split (not decoded) first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import itertools
 import re
@@ -45,6 +44,7 @@ from service.normalize import (
 from service.publish import Publisher, ensure_topics
 from service.settings import Settings
 from service.spool import Spool, drain_forever
+from service.tasks import cancel_and_wait
 
 log = structlog.get_logger("payhook.http")
 access = request_logger("payhook.http")
@@ -311,9 +311,7 @@ async def _drainer(app: web.Application) -> AsyncIterator[None]:
     """Republishes spooled events (a previous process's included) whenever Kafka answers."""
     task = asyncio.create_task(drain_forever(app[SPOOL], app[PUBLISHER]), name="spool-drainer")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task)
 
 
 async def _on_shutdown(app: web.Application) -> None:

@@ -46,6 +46,7 @@ from service.reconcile import (
 )
 from service.settings import Settings
 from service.store import TRANSIENT_ERRORS, Published, Store, Writes, open_store
+from service.tasks import cancel_and_wait
 
 log = structlog.get_logger("payhook.consume")
 
@@ -590,10 +591,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
         return 0
     finally:
         stopping.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await runner.cleanup()
 
 
