@@ -24,9 +24,9 @@ is left out of the group.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
+from operator import attrgetter
 from typing import Any, Final, TypeVar, final
 
 import msgspec
@@ -42,6 +42,7 @@ from service.errors import Unavailable
 from service.metrics import IngestMetrics
 from service.settings import Settings
 from service.spool import Spool, SpooledEvent
+from service.tasks import cancel_and_wait
 
 log = structlog.get_logger("payhook.publish")
 
@@ -137,24 +138,12 @@ async def cluster_answers(client: Any, within: float) -> bool:
 class _Pending:
     """One event waiting for its group's acknowledgement."""
 
-    __slots__ = ("deadline", "headers", "key", "value", "waiter")
+    __slots__ = ("deadline", "record", "waiter")
 
-    def __init__(
-        self,
-        key: bytes,
-        value: bytes,
-        headers: list[tuple[str, bytes]],
-        waiter: asyncio.Future[None],
-        deadline: float,
-    ) -> None:
-        self.key = key
-        self.value = value
-        self.headers = headers
+    def __init__(self, record: Record, waiter: asyncio.Future[None], deadline: float) -> None:
+        self.record = record
         self.waiter = waiter
         self.deadline = deadline
-
-    def record(self) -> Record:
-        return self.key, self.value, self.headers
 
 
 @final
@@ -271,21 +260,15 @@ class Publisher:
             self._connector = asyncio.create_task(self._keep_connecting())
 
     async def close(self, within: float | None = None) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-            self._sender = None
+        await cancel_and_wait(self._sender)
+        self._sender = None
         # Nothing waits here after run_app's shutdown; whoever still does spools its event.
         group, self._group = self._group, None
         if group is not None:
             group.disarm()
             _settle(group.members, ProducerClosed())
-        if self._connector is not None:
-            self._connector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connector
-            self._connector = None
+        await cancel_and_wait(self._connector)
+        self._connector = None
         producer, self._producer = self._producer, None
         if producer is not None:
             # Flushes what is queued; every request still waiting on it is answered. Bounded:
@@ -306,17 +289,15 @@ class Publisher:
         started = time.perf_counter()
         producer = self._producer
         spool = self._spool
-        value = _ENCODER.encode(event)
-        key = event_key(event)
-        headers = event_headers(event)
+        record = (event_key(event), encode_event(event), event_headers(event))
         if spool is not None and (producer is None or spool.holds_events):
-            await self._spool_event(spool, (key, value, headers), event.event_id, started)
+            await self._spool_event(spool, record, event.event_id, started)
             return
         if producer is None or self._sender is None:
             self._failed.observe(0)
             raise Unavailable("event store is not reachable", _RETRY_AFTER_SECONDS)
         waiter = asyncio.get_running_loop().create_future()
-        pending = _Pending(key, value, headers, waiter, started + self._settings.publish_timeout)
+        pending = _Pending(record, waiter, started + self._settings.publish_timeout)
         group = self._group
         if group is None:
             group = self._group = _Group()
@@ -329,7 +310,7 @@ class Publisher:
             self._topics_ready = False
             log.warning("publish_failed", error=type(exc).__name__, event_id=event.event_id)
             if spool is not None:
-                await self._spool_event(spool, pending.record(), event.event_id, started)
+                await self._spool_event(spool, record, event.event_id, started)
                 return
             self._failed.observe(time.perf_counter() - started)
             raise Unavailable(
@@ -368,7 +349,7 @@ class Publisher:
             partitions,
             # One that timed out before it could be sent is spooled already.
             (pending for pending in group if not pending.waiter.done()),
-            _Pending.record,
+            attrgetter("record"),
         )
         deliveries: list[tuple[asyncio.Future[object], list[_Pending]]] = []
         failure: BaseException | None = None
