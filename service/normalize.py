@@ -222,8 +222,8 @@ def _amount(value: Decimal | None, *path: object) -> Decimal | None:
     return value
 
 
-def _required_amount(value: Decimal, path: str) -> Decimal:
-    _amount(value, path)
+def _required_amount(value: Decimal, *path: object) -> Decimal:
+    _amount(value, *path)
     return value
 
 
