@@ -115,14 +115,9 @@ async def _acked(futures: list[asyncio.Future[Any]], seconds: float) -> None:
     """Waits until the broker acknowledged every send; raises the first failure, or
     TimeoutError. Sends given up on may still fail later: their errors are seen, not leaked."""
     for future in futures:
-        future.add_done_callback(_seen)
+        future.add_done_callback(_retrieve)
     async with asyncio.timeout(seconds):
         await asyncio.gather(*futures)
-
-
-def _seen(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 async def _bounded(
@@ -147,11 +142,11 @@ async def _bounded(
     return True
 
 
-def _retrieve(task: asyncio.Task[Any]) -> bool:
-    """Marks a finished background task's outcome as seen (it was logged when it mattered)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("background_task_failed", error=type(task.exception()).__name__)
-    return False
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a finished send's or background task's outcome as seen (what mattered was logged
+    where it happened), so asyncio does not report it as never retrieved."""
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("background_task_failed", error=type(future.exception()).__name__)
 
 
 @final
@@ -307,7 +302,10 @@ class Consumer:
             except (KafkaError, OSError) as exc:
                 # A broken client may fail to stop cleanly; it is dropped all the same.
                 log.warning("client_stop_failed", client=name, error=type(exc).__name__)
-        self._leftovers = {t for t in self._leftovers if not t.done() or _retrieve(t)}
+        finished = {task for task in self._leftovers if task.done()}
+        self._leftovers -= finished
+        for task in finished:
+            _retrieve(task)
 
     async def _collect_leftovers(self) -> None:
         """At exit: the stops given up on earlier get one more bounded chance, then go."""
