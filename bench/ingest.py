@@ -41,9 +41,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
-from service.auth import mint_secret
-from service.devbroker import LocalBroker, free_port, stop_process, wait_for_port
-from service.publish import ensure_topics
+from devtools.devbroker import LocalBroker, free_port, stop_process, wait_for_port
+from service.ingest.secrets import mint_secret
+from service.kafka import ensure_topics
 from service.settings import load_settings, parse_signing_keys
 
 CONNECTIONS: Final = 64

@@ -28,9 +28,10 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from service.auth import cryptopos_signature, mint_secret
-from service.devbroker import LocalBroker, free_port
-from service.reconcile import InvoiceState
+from devtools.devbroker import LocalBroker, free_port
+from service.consume.reconcile import InvoiceState
+from service.ingest.secrets import mint_secret
+from service.providers.cryptopos import signature as cryptopos_signature
 from service.settings import parse_signing_keys
 
 PAYHOOK: Final = str(Path(sys.executable).with_name("payhook"))

@@ -8,12 +8,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from service.auth import PER_ORDER_PROVIDERS, mint_secret, webhook_url
+from service.ingest.secrets import mint_secret, webhook_url
+from service.providers import MERCHANT_SIGNED, PER_ORDER, PROVIDERS
 from service.settings import SettingsError, load_settings
 
-_CRYPTOPOS_NOTE = (
-    "payhook: Crypto POS has no per-order secret: it signs every callback with the merchant "
-    "secret (PAYHOOK_CRYPTOPOS_SECRET). Register {url}/v1/webhooks/cryptopos as the merchant's "
+_MERCHANT_SIGNED_NOTE = (
+    "payhook: {title} has no per-order secret: it signs every callback with the merchant "
+    "secret ({setting}). Register {url}/v1/webhooks/{name} as the merchant's "
     "callback URL instead.\n"
 )
 
@@ -27,27 +28,32 @@ def _parser() -> argparse.ArgumentParser:
     secret = commands.add_parser(
         "secret", help="print an order's secret and the webhook URL to give the provider"
     )
-    secret.add_argument("--provider", required=True, choices=[*PER_ORDER_PROVIDERS, "cryptopos"])
+    secret.add_argument("--provider", required=True, choices=list(PROVIDERS))
     secret.add_argument("order_id")
     return parser
 
 
 def _secret(provider: str, order_id: str) -> int:
     settings = load_settings()
-    if provider not in PER_ORDER_PROVIDERS:
-        sys.stderr.write(_CRYPTOPOS_NOTE.format(url=settings.public_url))
+    per_order = PER_ORDER.get(provider)
+    if per_order is None:
+        signed = MERCHANT_SIGNED[provider]
+        note = _MERCHANT_SIGNED_NOTE.format(
+            title=signed.title,
+            setting=signed.secret_setting,
+            url=settings.public_url,
+            name=provider,
+        )
+        sys.stderr.write(note)
         return 2
     print(f"secret: {mint_secret(settings.signing_keys, provider, order_id)}")
     print(f"url: {webhook_url(settings, provider, order_id)}")
-    if provider == "cryptosteroid":
-        print("(pass the secret as the invoice's `secret` and the URL as its `processingUrl`)")
-    else:
-        print("(pass the URL as the invoice's `webhook`)")
+    print(per_order.registration_hint)
     return 0
 
 
 def _topics() -> int:
-    from service.publish import ensure_topics
+    from service.kafka import ensure_topics
 
     settings = load_settings(require_signing_keys=False)
     results = asyncio.run(ensure_topics(settings))
@@ -62,7 +68,7 @@ def _topics() -> int:
 
 
 def _serve() -> int:
-    from service.app import serve
+    from service.ingest.server import serve
 
     serve(load_settings())
     return 0
@@ -70,7 +76,7 @@ def _serve() -> int:
 
 def _consume() -> int:
     # Imported on use: the consumer's dependencies (store drivers) stay out of the other verbs.
-    consume = importlib.import_module("service.consume")
+    consume = importlib.import_module("service.consume.process")
     return int(consume.run(load_settings(require_signing_keys=False)))
 
 

@@ -1,4 +1,6 @@
-"""Prometheus metrics, all ``payhook_*``.
+"""Prometheus metrics, all ``payhook_*``: what both processes use (buckets, the loop-local
+histogram, the build info). Each process's metrics live in its package
+(:mod:`service.ingest.metrics`, :mod:`service.consume.metrics`).
 
 Each process builds its own registry (no module globals), so tests can run several apps side by
 side. Labels are bounded: provider, outcome, state, topic, partition; never an order or
@@ -12,8 +14,8 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Final, final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CollectorRegistry, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     HistogramMetricFamily,
@@ -128,107 +130,6 @@ class LoopHistogram(Collector):
             yield counter
 
 
-def _build_info(registry: CollectorRegistry, component: str) -> None:
+def build_info(registry: CollectorRegistry, component: str) -> None:
     info = Info("payhook_build", "payhook build information", registry=registry)
     info.info({"version": __version__, "component": component})
-
-
-@final
-class IngestMetrics:
-    """Metrics of ``payhook serve``."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        _build_info(r, "serve")
-        # One observation per webhook request feeds both the latency histogram and
-        # payhook_webhooks_total.
-        self.webhooks = LoopHistogram(
-            "payhook_http_request_duration_seconds",
-            "Webhook request latency, by provider and outcome (the error code, or accepted)",
-            ["provider", "outcome"],
-            LATENCY_BUCKETS,
-            r,
-            counter=(
-                "payhook_webhooks",
-                "Webhook requests by provider and outcome (the error code, or accepted)",
-            ),
-        )
-        self.publish_latency = LoopHistogram(
-            "payhook_publish_duration_seconds",
-            "Time to make one event durable, by where it went (kafka, spool) or failed",
-            ["outcome"],
-            LATENCY_BUCKETS,
-            r,
-        )
-        self.spool_depth = Gauge(
-            "payhook_spool_depth", "Events in the local spool awaiting Kafka", registry=r
-        )
-        self.spool_bytes = Gauge("payhook_spool_bytes", "Bytes used by the local spool", registry=r)
-        self.spool_oldest_age = Gauge(
-            "payhook_spool_oldest_age_seconds",
-            "Age of the oldest spooled event (0 when the spool is empty)",
-            registry=r,
-        )
-        self.spool_drained = Counter(
-            "payhook_spool_drained_events", "Spooled events republished to Kafka", registry=r
-        )
-        self.ready = Gauge("payhook_ready", "1 when /readyz answers 200", registry=r)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-@final
-class ConsumerMetrics:
-    """Metrics of ``payhook consume``."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        _build_info(r, "consume")
-        self.events = Counter(
-            "payhook_consumer_events",
-            "Consumed invoice events by outcome (processed, duplicate, dlq)",
-            ["outcome"],
-            registry=r,
-        )
-        self.settlements = Counter(
-            "payhook_settlements",
-            "Settlement versions published, by state",
-            ["state"],
-            registry=r,
-        )
-        self.discrepancies = Counter(
-            "payhook_discrepancies",
-            "Settlements published whose difference disagrees with the provider's amountDiff",
-            ["provider"],
-            registry=r,
-        )
-        self.e2e_latency = Histogram(
-            "payhook_settlement_latency_seconds",
-            "From received_at (ingest) to the settlement being published",
-            buckets=E2E_BUCKETS,
-            registry=r,
-        )
-        self.batch_duration = Histogram(
-            "payhook_consumer_batch_duration_seconds",
-            "Time to handle one consumed batch, store and publish included",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.lag = Gauge(
-            "payhook_consumer_lag",
-            "Records behind the partition's high watermark (approximate on Tansu)",
-            ["topic", "partition"],
-            registry=r,
-        )
-        self.consumer_restarts = Counter(
-            "payhook_consumer_restarts",
-            "Kafka consumers recreated after they stopped making progress",
-            registry=r,
-        )
-        self.ready = Gauge("payhook_ready", "1 when /readyz answers 200", registry=r)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -34,7 +34,7 @@ import asyncpg
 import msgspec
 
 from schemas.events import Settlement
-from service.reconcile import InvoiceState
+from service.consume.reconcile import InvoiceState
 
 SCHEMA_VERSION: Final = 1
 

@@ -17,9 +17,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from service.app import create_app
-from service.auth import cryptopos_signature, mint_secret
-from service.devbroker import free_port
+from devtools.devbroker import free_port
+from service.ingest.app import create_app
+from service.ingest.secrets import mint_secret
+from service.providers.cryptopos import signature as cryptopos_signature
 from service.settings import Settings
 from tests.fixtures_kafka import SettingsFactory
 

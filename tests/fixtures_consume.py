@@ -18,10 +18,10 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
+from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent, Settlement
-from service.consume import Consumer
-from service.devbroker import free_port
-from service.publish import encode_event, ensure_topics, event_headers, event_key
+from service.consume.supervisor import Consumer
+from service.kafka import encode_event, ensure_topics, event_headers, event_key
 from service.settings import Settings
 from service.store import Store
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from service.devbroker import LocalBroker
+from devtools.devbroker import LocalBroker
 from service.settings import Settings, load_settings
 
 TEST_KEY_CURRENT = base64.b64encode(b"k" * 32).decode()

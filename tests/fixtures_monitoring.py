@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from service.devbroker import free_port, stop_process
+from devtools.devbroker import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -9,10 +9,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from service.auth import verify_secret
+from devtools.devbroker import LocalBroker, free_port
+from devtools.devrun import dev_signing_keys
 from service.cli import main
-from service.devbroker import LocalBroker, free_port
-from service.devrun import dev_signing_keys
+from service.ingest.secrets import verify_secret
 from service.settings import Settings, parse_signing_keys
 from tests.fixtures_kafka import TEST_ENV
 
@@ -109,7 +109,7 @@ def test_topics_reports_an_unreachable_broker(
 def test_consume_runs_the_consumer_without_signing_keys(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import service.consume
+    import service.consume.process
 
     monkeypatch.delenv("PAYHOOK_SIGNING_KEYS")
     monkeypatch.setenv("PAYHOOK_TOPIC_PREFIX", "cli-consume")
@@ -119,7 +119,7 @@ def test_consume_runs_the_consumer_without_signing_keys(
         seen.append(settings)
         return 3
 
-    monkeypatch.setattr(service.consume, "run", run)
+    monkeypatch.setattr(service.consume.process, "run", run)
     assert main(["consume"]) == 3
     assert [s.topic_prefix for s in seen] == ["cli-consume"]
     assert seen[0].signing_keys == ()

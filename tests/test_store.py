@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from schemas.events import InvoiceEvent, Settlement
-from service.reconcile import BatchOutcome, InvoiceState, apply_batch
+from service.consume.reconcile import BatchOutcome, InvoiceState, apply_batch
 from service.store import Published, Store, StoreError, Writes, open_store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

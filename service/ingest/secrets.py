@@ -1,4 +1,5 @@
-"""Who may post a notification: per-order secrets, the Crypto POS signature, a failure budget.
+"""Who may post a notification: per-order secrets and a failure budget (a provider that signs
+with a merchant secret checks that in its own module, :mod:`service.providers`).
 
 Per-order secret = ``"{kid}." + base64url(HMAC-SHA256(key, "{provider}:{order_id}"))``, unpadded.
 It is stateless (nothing stored per order) and rotatable: the first signing key mints, every
@@ -17,12 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Final, final
 from urllib.parse import quote
 
+from service.providers import PER_ORDER
 from service.settings import Settings, SigningKey
-
-# Providers whose webhook URL is set per invoice, so it can carry a per-order secret.
-PER_ORDER_PROVIDERS: Final = ("bitfinex", "cryptosteroid")
-# Providers whose per-order secret travels in the URL, because they send no header.
-TOKEN_IN_URL: Final = frozenset({"bitfinex"})
 
 _WINDOW_SECONDS: Final = 60.0
 
@@ -64,26 +61,16 @@ def verify_secret(keys: Sequence[SigningKey], provider: str, order_id: str, pres
 
 
 def webhook_url(settings: Settings, provider: str, order_id: str) -> str:
-    """The URL to register on the provider's invoice. Bitfinex sends no header: the token
-    rides in the query string. CryptoSteroid returns the secret in its ``Token`` header."""
-    if provider not in PER_ORDER_PROVIDERS:
+    """The URL to register on the provider's invoice. A provider that sends no header (Bitfinex)
+    gets the token in the query string; the others return the secret in a ``Token`` header."""
+    per_order = PER_ORDER.get(provider)
+    if per_order is None:
         raise ValueError(f"{provider} has no per-order webhook URL")
     url = f"{settings.public_url}/v1/webhooks/{provider}/{quote(order_id, safe='')}"
-    if provider in TOKEN_IN_URL:
+    if per_order.token_in_url:
         secret = mint_secret(settings.signing_keys, provider, order_id)
         url += f"?token={quote(secret, safe='')}"
     return url
-
-
-def cryptopos_signature(data_bytes: bytes, secret: bytes) -> str:
-    """Hex SHA-256 of the exact bytes of ``data`` followed by the merchant secret."""
-    return hashlib.sha256(data_bytes + secret).hexdigest()
-
-
-def verify_cryptopos_signature(data_bytes: bytes, secret: bytes, presented: str) -> bool:
-    """Case-insensitive hex comparison, in constant time."""
-    expected = cryptopos_signature(data_bytes, secret).encode()
-    return hmac.compare_digest(expected, presented.lower().encode("utf-8", "replace"))
 
 
 @final

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from service.auth import mint_secret
-from service.devbroker import LocalBroker, free_port
+from devtools.devbroker import LocalBroker, free_port
+from service.ingest.secrets import mint_secret
 from service.settings import Settings, load_settings
 from tests.fixtures_app import bitfinex, encode
 from tests.fixtures_kafka import TEST_ENV

@@ -36,7 +36,7 @@ import msgspec
 import structlog
 
 from service.errors import Unavailable
-from service.metrics import IngestMetrics
+from service.ingest.metrics import IngestMetrics
 
 log = structlog.get_logger(__name__)
 

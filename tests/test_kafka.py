@@ -6,7 +6,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.publish import partition_for
+from service.kafka import partition_for
 
 
 @given(key=st.binary(max_size=200), count=st.integers(min_value=1, max_value=64))

@@ -10,7 +10,10 @@ import pytest
 
 from schemas.providers import BitfinexWebhook, CryptoSteroidInvoice
 from service.errors import InvalidJson, InvalidPayload
-from service.normalize import decode, decode_cryptopos_data, split_cryptopos
+from service.providers.bitfinex import BITFINEX
+from service.providers.cryptopos import CRYPTOPOS
+from service.providers.cryptopos import split as split_cryptopos
+from service.providers.cryptosteroid import CRYPTOSTEROID
 from tests.fixtures_app import (
     PII,
     SEED_003,
@@ -23,7 +26,7 @@ from tests.fixtures_app import (
 
 
 def test_seed_003_example_decodes_with_exact_decimals() -> None:
-    hook = decode("bitfinex", SEED_003)
+    hook = BITFINEX.decode(SEED_003)
     assert isinstance(hook, BitfinexWebhook)
     assert hook.id == "a6761c8b-468f-40ad-a522-cc5e41c39757"
     assert hook.orderId == "order123"
@@ -70,7 +73,7 @@ def test_bitfinex_optional_fields_lightning_ext_and_additional_payments() -> Non
     )
     body["payment"].update(forceCompleted=True, amountDiff="-0.00000738")
     body["payment"]["additionalPayments"] = [extra]
-    hook = decode("bitfinex", encode(body))
+    hook = BITFINEX.decode(encode(body))
     assert isinstance(hook, BitfinexWebhook)
     ext = hook.invoices[0].ext
     assert ext is not None
@@ -85,14 +88,14 @@ def test_bitfinex_optional_fields_lightning_ext_and_additional_payments() -> Non
 
 
 def test_bitfinex_customer_info_is_not_decoded() -> None:
-    hook = decode("bitfinex", encode(bitfinex()))
+    hook = BITFINEX.decode(encode(bitfinex()))
     text = msgspec.json.encode(hook).decode()
     for value in PII:
         assert value not in text
 
 
 def test_cryptosteroid_invoice_decodes_strings_to_decimals() -> None:
-    invoice = decode("cryptosteroid", encode(cryptosteroid()))
+    invoice = CRYPTOSTEROID.decode(encode(cryptosteroid()))
     assert isinstance(invoice, CryptoSteroidInvoice)
     assert invoice.fiatAmount == Decimal("100.00")
     assert str(invoice.fiatAmount) == "100.00"
@@ -105,7 +108,7 @@ def test_cryptosteroid_invoice_decodes_strings_to_decimals() -> None:
 
 
 def test_cryptosteroid_without_payment_or_external_id() -> None:
-    invoice = decode("cryptosteroid", encode(cryptosteroid(payment=None, externalId=None)))
+    invoice = CRYPTOSTEROID.decode(encode(cryptosteroid(payment=None, externalId=None)))
     assert isinstance(invoice, CryptoSteroidInvoice)
     assert invoice.payment is None
     assert invoice.externalId is None
@@ -116,7 +119,7 @@ def test_cryptopos_split_gives_exact_data_bytes() -> None:
     signature, data = split_cryptopos(body)
     assert signature is not None
     assert data == json.dumps(cryptopos_data(), indent=4).encode()
-    invoice = decode_cryptopos_data(data)
+    invoice = CRYPTOPOS.decode(data)
     assert invoice.id == "66da1bc34f03a871430c1a71"
     assert str(invoice.transactions[0].amount) == "0.09999999999999999"
     assert invoice.transactions[0].cryptoAmount == Decimal(100000)
@@ -154,7 +157,7 @@ def test_cryptopos_split_refuses_non_json(body: bytes) -> None:
 @pytest.mark.parametrize("body", [b"", b"{", b"\xff\xfe", b'{"id": 1,}', b"null x"])
 def test_malformed_json_is_invalid_json(body: bytes) -> None:
     with pytest.raises(InvalidJson, match=r"malformed|truncated|Input data"):
-        decode("bitfinex", body)
+        BITFINEX.decode(body)
 
 
 @pytest.mark.parametrize(
@@ -173,7 +176,7 @@ def test_wrong_field_type_is_invalid_payload_naming_the_path(
     change: dict[str, object], path: str
 ) -> None:
     with pytest.raises(InvalidPayload) as caught:
-        decode("bitfinex", encode(bitfinex(**change)))
+        BITFINEX.decode(encode(bitfinex(**change)))
     assert f"`{path}`" in caught.value.detail
 
 
@@ -181,15 +184,15 @@ def test_missing_field_is_invalid_payload_naming_it() -> None:
     body = bitfinex()
     del body["status"]
     with pytest.raises(InvalidPayload, match="status"):
-        decode("bitfinex", encode(body))
+        BITFINEX.decode(encode(body))
 
 
 def test_cryptopos_data_errors_are_reported_from_the_body_root() -> None:
     with pytest.raises(InvalidPayload) as caught:
-        decode_cryptopos_data(json.dumps(cryptopos_data(total="x")).encode())
+        CRYPTOPOS.decode(json.dumps(cryptopos_data(total="x")).encode())
     assert "`$.data.total`" in caught.value.detail
     with pytest.raises(InvalidPayload) as caught:
-        decode_cryptopos_data(b"[]")
+        CRYPTOPOS.decode(b"[]")
     assert "`$.data`" in caught.value.detail
 
 
@@ -198,8 +201,8 @@ def test_cryptopos_data_errors_are_reported_from_the_body_root() -> None:
 )
 def test_deep_nesting_is_invalid_json_not_a_crash(body: bytes) -> None:
     with pytest.raises(InvalidJson, match="nested too deeply"):
-        decode("bitfinex", body)
+        BITFINEX.decode(body)
     with pytest.raises(InvalidJson, match="nested too deeply"):
         split_cryptopos(b'{"signature": "ab", "data": ' + body + b"}")
     with pytest.raises(InvalidJson, match="nested too deeply"):
-        decode_cryptopos_data(body)
+        CRYPTOPOS.decode(body)

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from schemas.events import InvoiceEvent, InvoiceStatus, Payment, Provider, Settlement
-from service.reconcile import (
+from service.consume.reconcile import (
     InvalidEvent,
     InvoiceState,
     apply,

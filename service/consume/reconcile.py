@@ -26,8 +26,9 @@ from schemas.events import (
     SettlementState,
 )
 
-# Providers whose paid amount is their own running total, not a sum of payments.
-RUNNING_TOTAL_PROVIDERS: Final = frozenset({"cryptosteroid", "cryptopos"})
+# RUNNING_TOTAL_PROVIDERS: providers whose paid amount is their own running total, not a sum
+# of payments (each provider says so in its module).
+from service.providers import RUNNING_TOTAL_PROVIDERS
 
 # Ranks break provider-time ties between statuses: the further along wins.
 _STATUS_RANK: Final[dict[str, int]] = {

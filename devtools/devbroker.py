@@ -114,7 +114,7 @@ class LocalBroker:
 
 
 def main() -> None:
-    """``python -m service.devbroker [PORT]``: run a broker in the foreground."""
+    """``python -m devtools.devbroker [PORT]``: run a broker in the foreground."""
     import sys
 
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 9092

@@ -11,8 +11,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from service.errors import Unavailable
-from service.metrics import IngestMetrics
-from service.spool import Spool, SpooledEvent, SpoolError, SpoolFull, drain_forever, encode_frame
+from service.ingest.metrics import IngestMetrics
+from service.ingest.spool import (
+    Spool,
+    SpooledEvent,
+    SpoolError,
+    SpoolFull,
+    drain_forever,
+    encode_frame,
+)
 
 
 def event(n: int, *, at: float = 1000.0, size: int = 40) -> SpooledEvent:

@@ -29,8 +29,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.devbroker import free_port
-from service.metrics import ConsumerMetrics, IngestMetrics
+from devtools.devbroker import free_port
+from service.consume.metrics import ConsumerMetrics
+from service.ingest.metrics import IngestMetrics
 from tests.fixtures_monitoring import (
     ALERT_TESTS,
     ALERTS,

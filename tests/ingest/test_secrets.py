@@ -1,4 +1,4 @@
-"""Per-order secrets, the Crypto POS signature and the failure budget: pure, no I/O."""
+"""Per-order secrets and the failure budget: pure, no I/O."""
 
 from __future__ import annotations
 
@@ -12,11 +12,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.auth import (
+from service.ingest.secrets import (
     FailureLimiter,
-    cryptopos_signature,
     mint_secret,
-    verify_cryptopos_signature,
     verify_secret,
     webhook_url,
 )
@@ -102,19 +100,6 @@ def test_webhook_url_carries_token_for_bitfinex_only() -> None:
 def test_mint_needs_a_key() -> None:
     with pytest.raises(ValueError, match="no signing key"):
         mint_secret((), "bitfinex", "o")
-
-
-def test_cryptopos_signature_is_sha256_of_data_then_secret() -> None:
-    data = b'{"id": "x", "total": 0.10}'
-    assert cryptopos_signature(data, b"s") == hashlib.sha256(data + b"s").hexdigest()
-    sig = cryptopos_signature(data, b"s")
-    assert verify_cryptopos_signature(data, b"s", sig)
-    assert verify_cryptopos_signature(data, b"s", sig.upper())
-    assert not verify_cryptopos_signature(data, b"t", sig)
-    # The exact bytes count: the same JSON with other spacing is another message.
-    assert not verify_cryptopos_signature(b'{"id":"x","total":0.10}', b"s", sig)
-    assert not verify_cryptopos_signature(data, b"s", sig[:-1])
-    assert not verify_cryptopos_signature(data, b"s", "ü" * 64)
 
 
 class Clock:

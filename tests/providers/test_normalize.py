@@ -14,13 +14,10 @@ from hypothesis import strategies as st
 
 from schemas.events import InvoiceEvent
 from service.errors import InvalidPayload
-from service.normalize import (
-    decode,
-    decode_cryptopos_data,
-    normalize,
-    order_id_of,
-    split_cryptopos,
-)
+from service.providers.bitfinex import BITFINEX
+from service.providers.cryptopos import CRYPTOPOS
+from service.providers.cryptopos import split as split_cryptopos
+from service.providers.cryptosteroid import CRYPTOSTEROID
 from tests.fixtures_app import (
     PII,
     SEED_003,
@@ -36,16 +33,16 @@ NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
 def bfx(body: dict[str, Any] | bytes, at: datetime = NOW) -> InvoiceEvent:
     raw = body if isinstance(body, bytes) else encode(body)
-    return normalize(decode("bitfinex", raw), at)
+    return BITFINEX.normalize(BITFINEX.decode(raw), at)
 
 
 def cs(body: dict[str, Any], at: datetime = NOW) -> InvoiceEvent:
-    return normalize(decode("cryptosteroid", encode(body)), at)
+    return CRYPTOSTEROID.normalize(CRYPTOSTEROID.decode(encode(body)), at)
 
 
 def pos(data: dict[str, Any], at: datetime = NOW) -> InvoiceEvent:
     _, raw = split_cryptopos(cryptopos_body(data))
-    return normalize(decode_cryptopos_data(raw), at)
+    return CRYPTOPOS.normalize(CRYPTOPOS.decode(raw), at)
 
 
 def test_seed_003_event() -> None:
@@ -236,10 +233,10 @@ def test_cryptopos_without_client_has_no_order_id() -> None:
 
 
 def test_order_id_of_each_provider() -> None:
-    assert order_id_of(decode("bitfinex", SEED_003)) == "order123"
-    assert order_id_of(decode("cryptosteroid", encode(cryptosteroid()))) == "order-42"
+    assert BITFINEX.order_id_of(BITFINEX.decode(SEED_003)) == "order123"
+    assert CRYPTOSTEROID.order_id_of(CRYPTOSTEROID.decode(encode(cryptosteroid()))) == "order-42"
     body = encode(cryptosteroid(externalId=None))
-    assert order_id_of(decode("cryptosteroid", body)) is None
+    assert CRYPTOSTEROID.order_id_of(CRYPTOSTEROID.decode(body)) is None
 
 
 @pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e999999999", "1" * 60])

@@ -20,8 +20,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from service.devbroker import LocalBroker
-from service.publish import ensure_topics
+from devtools.devbroker import LocalBroker
+from service.kafka import ensure_topics
 from service.settings import SettingsError, load_settings
 
 VAR: Final = Path("var")

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.app import METRICS, SETTINGS
+from service.ingest.app import METRICS, SETTINGS
 from service.settings import Settings
 from tests.fixtures_app import (
     SEED_003,

@@ -1,59 +1,44 @@
-"""The HTTP ingest service: webhook routes, probes and metrics.
+"""The HTTP ingest application: webhook routes, probes and metrics (the process that serves
+it is :mod:`service.ingest.server`).
 
 A request with several faults is answered by the first of 404, 405, 413, 415, 401 (or 429),
-400. Per-order secrets are checked on the raw bytes before anything decodes the body; Crypto POS
-signs inside the body, so its envelope is split (not decoded) first.
+400. Per-order secrets are checked on the raw bytes before anything decodes the body; a
+provider that signs with a merchant secret inside the body checks its signature on the exact
+signed bytes first (its module in :mod:`service.providers` knows how). Routes name no provider:
+they dispatch through the registry.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import re
 import secrets
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, final
 
 import orjson
 import structlog
-import uvloop
 from aiohttp import web
 
-from schemas.events import PROVIDERS, InvoiceEvent
+from schemas.events import InvoiceEvent
 from service import errors
-from service.auth import (
-    PER_ORDER_PROVIDERS,
-    FailureLimiter,
-    verify_cryptopos_signature,
-    verify_secret,
-)
-from service.logs import bind_event, bind_request, configure_logging, request_logger
-from service.metrics import CONTENT_TYPE, IngestMetrics
-from service.normalize import (
-    decode,
-    decode_cryptopos_data,
-    normalize,
-    order_id_of,
-    split_cryptopos,
-)
-from service.publish import Publisher, ensure_topics
+from service.ingest.metrics import IngestMetrics
+from service.ingest.publisher import Publisher
+from service.ingest.secrets import FailureLimiter, verify_secret
+from service.ingest.spool import Spool, drain_forever
+from service.kafka import ensure_topics
+from service.logs import bind_event, bind_request, request_logger
+from service.metrics import CONTENT_TYPE
+from service.providers import MERCHANT_SIGNED, PER_ORDER, PROVIDERS
+from service.readiness import Readiness
 from service.settings import Settings
-from service.spool import Spool, drain_forever
 from service.tasks import cancel_and_wait
 
 log = structlog.get_logger("payhook.http")
 access = request_logger("payhook.http")
-
-
-@final
-@dataclass(slots=True)
-class Lifecycle:
-    shutting_down: bool = False
 
 
 SETTINGS: Final = web.AppKey("settings", Settings)
@@ -61,7 +46,7 @@ METRICS: Final = web.AppKey("metrics", IngestMetrics)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 SPOOL: Final = web.AppKey("spool", Spool)
 LIMITER: Final = web.AppKey("limiter", FailureLimiter)
-LIFECYCLE: Final = web.AppKey("lifecycle", Lifecycle)
+READINESS: Final = web.AppKey("readiness", Readiness)
 
 WEBHOOK_PREFIX: Final = "/v1/webhooks/"
 _JSON: Final = "application/json"
@@ -144,48 +129,46 @@ async def _accept(request: web.Request, event: InvoiceEvent) -> web.Response:
 
 
 async def per_order_webhook(request: web.Request) -> web.Response:
-    """``POST /v1/webhooks/{provider}/{order_id}``: Bitfinex and CryptoSteroid."""
-    provider = request.match_info["provider"]
-    if provider not in PER_ORDER_PROVIDERS:
-        if provider in PROVIDERS:
-            raise errors.NotFound(f"{provider} posts to {WEBHOOK_PREFIX}{provider}")
+    """``POST /v1/webhooks/{provider}/{order_id}``: the providers authenticated per order."""
+    name = request.match_info["provider"]
+    provider = PER_ORDER.get(name)
+    if provider is None:
+        if name in PROVIDERS:
+            raise errors.NotFound(f"{name} posts to {WEBHOOK_PREFIX}{name}")
         raise errors.UnknownProvider("no such provider")
     _require(request, "POST")
     body = await _read_body(request)
     order_id = request.match_info["order_id"]
     presented = request.headers.get("Token") or request.query.get("token")
     keys = request.app[SETTINGS].signing_keys
-    if not presented or not verify_secret(keys, provider, order_id, presented):
+    if not presented or not verify_secret(keys, name, order_id, presented):
         raise _refuse(request)
-    notification = decode(provider, body)
-    if order_id_of(notification) != order_id:
+    notification = provider.decode(body)
+    if provider.order_id_of(notification) != order_id:
         raise errors.OrderMismatch(
             "the order id in the body differs from the one in the URL (or is missing)"
         )
-    return await _accept(request, normalize(notification, datetime.now(UTC)))
+    return await _accept(request, provider.normalize(notification, datetime.now(UTC)))
 
 
 async def merchant_webhook(request: web.Request) -> web.Response:
-    """``POST /v1/webhooks/cryptopos``: one URL per merchant, signed inside the body."""
-    provider = request.match_info["provider"]
-    secret = request.app[SETTINGS].cryptopos_secret
-    if provider != "cryptopos":
-        if provider in PROVIDERS:
-            raise errors.NotFound(f"{provider} webhooks carry the order id in the path")
+    """``POST /v1/webhooks/{provider}``: one URL per merchant, signed inside the body."""
+    name = request.match_info["provider"]
+    provider = MERCHANT_SIGNED.get(name)
+    if provider is None:
+        if name in PROVIDERS:
+            raise errors.NotFound(f"{name} webhooks carry the order id in the path")
         raise errors.UnknownProvider("no such provider")
+    secret = provider.merchant_secret(request.app[SETTINGS])
     if secret is None:
-        raise errors.UnknownProvider("Crypto POS is not configured")
+        raise errors.UnknownProvider(f"{provider.title} is not configured")
     _require(request, "POST")
     body = await _read_body(request)
-    signature, data = split_cryptopos(body)
-    if (
-        not signature
-        or not data
-        or not verify_cryptopos_signature(data, secret.reveal(), signature)
-    ):
+    data = provider.authenticate(body, secret)
+    if data is None:
         raise _refuse(request)
-    invoice = decode_cryptopos_data(data)
-    return await _accept(request, normalize(invoice, datetime.now(UTC)))
+    notification = provider.decode(data)
+    return await _accept(request, provider.normalize(notification, datetime.now(UTC)))
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -195,16 +178,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     _require(request, "GET", "HEAD")
-    metrics = request.app[METRICS]
-    if request.app[LIFECYCLE].shutting_down:
-        metrics.ready.set(0)
+    readiness = request.app[READINESS]
+    if readiness.shutting_down:
+        readiness.set(False)
         return _json(503, {"status": "shutting_down"})
     # Either path makes an event durable: Kafka, or the spool while it has room for one more.
     room = request.app[SPOOL].has_room(request.app[SETTINGS].max_body_bytes)
     if not room and not await request.app[PUBLISHER].ready():
-        metrics.ready.set(0)
+        readiness.set(False)
         return _json(503, {"status": "unavailable"})
-    metrics.ready.set(1)
+    readiness.set(True)
     return _json(200, {"status": "ready"})
 
 
@@ -216,21 +199,29 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 # --- every route: errors, request id, metrics, one log line -----------------------------------
 
-_ids = itertools.count(1)
-_ID_PREFIX: Final = secrets.token_hex(4)
 
+@final
+class RequestIds:
+    """One application's request ids: the client's ``X-Request-Id`` when it is sane, else a
+    random per-application prefix and a counter."""
 
-def _request_id(request: web.Request) -> str:
-    incoming = request.headers.get("X-Request-Id")
-    if incoming and _REQUEST_ID.fullmatch(incoming):
-        return incoming
-    return f"{_ID_PREFIX}-{next(_ids)}"
+    __slots__ = ("_next", "_prefix")
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._next = itertools.count(1).__next__
+
+    def of(self, request: web.Request) -> str:
+        incoming = request.headers.get("X-Request-Id")
+        if incoming and _REQUEST_ID.fullmatch(incoming):
+            return incoming
+        return f"{self._prefix}-{self._next()}"
 
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
+def observed(handler: RouteHandler, ids: RequestIds, *, webhook: bool = False) -> RouteHandler:
     """The route's handler as the app registers it: maps errors to responses, times the
     request, counts a webhook by provider and outcome, and logs one line about it.
 
@@ -239,8 +230,10 @@ def observed(handler: RouteHandler, *, webhook: bool = False) -> RouteHandler:
     The log line names the path without its query string: Bitfinex's token lives there.
     """
 
+    request_id_of = ids.of
+
     async def handle(request: web.Request) -> web.StreamResponse:
-        request_id = _request_id(request)
+        request_id = request_id_of(request)
         bind_request(request_id)
         started = time.perf_counter()
         error: str | None = None
@@ -315,13 +308,12 @@ async def _drainer(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    app[LIFECYCLE].shutting_down = True
-    app[METRICS].ready.set(0)
+    app[READINESS].shut_down()
 
 
 async def _mark_ready(app: web.Application) -> None:
     # The gauge must be right even where nothing polls /readyz (compose); /readyz keeps it fresh.
-    app[METRICS].ready.set(1)
+    app[READINESS].set(True)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -333,7 +325,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SPOOL] = Spool(settings.spool_dir, settings.spool_max_bytes, metrics=metrics)
     app[PUBLISHER] = Publisher(settings, metrics, app[SPOOL])
     app[LIMITER] = FailureLimiter(settings.auth_failure_budget)
-    app[LIFECYCLE] = Lifecycle()
+    app[READINESS] = metrics.readiness
     app.cleanup_ctx.append(_spool)
     app.cleanup_ctx.append(_kafka)
     app.cleanup_ctx.append(_drainer)
@@ -341,71 +333,11 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_on_shutdown)
     # Every method reaches the handler, which answers 405 in our format itself.
     route = app.router.add_route
-    route("*", "/v1/webhooks/{provider}/{order_id}", observed(per_order_webhook, webhook=True))
-    route("*", "/v1/webhooks/{provider}", observed(merchant_webhook, webhook=True))
-    route("*", "/healthz", observed(healthz))
-    route("*", "/readyz", observed(readyz))
-    route("*", "/metrics", observed(metrics_handler))
-    route("*", "/{path:.*}", observed(not_found))
+    ids = RequestIds()
+    route("*", "/v1/webhooks/{provider}/{order_id}", observed(per_order_webhook, ids, webhook=True))
+    route("*", "/v1/webhooks/{provider}", observed(merchant_webhook, ids, webhook=True))
+    route("*", "/healthz", observed(healthz, ids))
+    route("*", "/readyz", observed(readyz, ids))
+    route("*", "/metrics", observed(metrics_handler, ids))
+    route("*", "/{path:.*}", observed(not_found, ids))
     return app
-
-
-# How long /readyz answers 503 before the listener closes, so a load balancer polling it stops
-# sending new requests first (Kubernetes deployments add a preStop delay for the rest).
-READINESS_GRACE: Final = 1.0
-
-
-def _raise_graceful_exit() -> None:
-    raise web.GracefulExit()
-
-
-async def _readiness_first_on_sigterm(app: web.Application) -> None:
-    """Replaces run_app's SIGTERM handler: /readyz turns 503 first, then run_app's graceful
-    exit stops the listener, waits for in-flight requests (``shutdown_timeout``), flushes the
-    producer and closes the spool."""
-    loop = asyncio.get_running_loop()
-
-    def on_sigterm() -> None:
-        if app[LIFECYCLE].shutting_down:
-            return
-        app[LIFECYCLE].shutting_down = True
-        app[METRICS].ready.set(0)
-        log.info("shutdown_requested", readiness_grace=READINESS_GRACE)
-        loop.call_later(READINESS_GRACE, _raise_graceful_exit)
-
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-
-
-GC_YOUNG_THRESHOLD: Final = 10_000
-
-
-async def _freeze_startup_objects(app: web.Application) -> None:
-    """What start-up built lives as long as the process: keep it out of every collection the
-    per-request garbage triggers (a full collection over it was a latency spike)."""
-    gc.collect()
-    gc.freeze()
-    # A request's objects live a few milliseconds: with the default threshold (700) a young
-    # collection ran every ~35 requests and traversed (and promoted) the objects of every
-    # request in flight. Every ~10000 net allocations, most of them are gone by then.
-    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
-
-
-def serve(settings: Settings) -> None:
-    """``payhook serve``: runs until SIGINT/SIGTERM, then drains in-flight requests."""
-    configure_logging(settings.log_format)
-    log.info("serving", host=settings.http_host, port=settings.http_port)
-    app = create_app(settings)
-    app.on_startup.append(_readiness_first_on_sigterm)
-    app.on_startup.append(_freeze_startup_objects)
-    web.run_app(
-        app,
-        # uvloop: about 12% less CPU per request than asyncio's loop under the benchmark.
-        loop=uvloop.new_event_loop(),
-        host=settings.http_host,
-        port=settings.http_port,
-        shutdown_timeout=settings.shutdown_timeout,
-        # observed() writes the access line, without the query string (Bitfinex's token).
-        access_log=None,
-        print=None,
-        handle_signals=True,
-    )

@@ -17,15 +17,15 @@ import pytest
 from aiohttp import ClientSession
 from aiokafka import ConsumerRecord
 
+from devtools.devbroker import LocalBroker, free_port
 from schemas.events import InvoiceEvent
-from service.app import METRICS, SPOOL
-from service.devbroker import LocalBroker, free_port
-from service.metrics import IngestMetrics
-from service.normalize import decode, normalize
-from service.publish import encode_event, event_headers, event_key
-from service.reconcile import apply_batch
+from service.consume.reconcile import apply_batch
+from service.ingest.app import METRICS, SPOOL
+from service.ingest.metrics import IngestMetrics
+from service.ingest.spool import Spool, SpooledEvent
+from service.kafka import encode_event, event_headers, event_key
+from service.providers.bitfinex import BITFINEX
 from service.settings import Settings
-from service.spool import Spool, SpooledEvent
 from tests.fixtures_app import ClientFactory, bitfinex, encode, read_records, token_for
 from tests.fixtures_kafka import TEST_ENV, SettingsFactory
 
@@ -163,7 +163,7 @@ async def test_startup_drains_what_a_previous_process_left(
     kafka_settings: Settings, app_client: ClientFactory
 ) -> None:
     body = webhook("o-4")
-    event = normalize(decode("bitfinex", body), datetime.now(UTC))
+    event = BITFINEX.normalize(BITFINEX.decode(body), datetime.now(UTC))
     async with Spool(kafka_settings.spool_dir, kafka_settings.spool_max_bytes) as left:
         await left.append(
             SpooledEvent(

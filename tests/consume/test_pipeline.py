@@ -19,11 +19,11 @@ import aiohttp
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from devtools.devbroker import LocalBroker
 from schemas.events import InvoiceEvent
-from service.consume import serve
-from service.devbroker import LocalBroker
-from service.publish import TOPIC_PARTITIONS, encode_event
-from service.reconcile import InvoiceState, apply_batch, invoice_key
+from service.consume.process import serve
+from service.consume.reconcile import InvoiceState, apply_batch, invoice_key
+from service.kafka import TOPIC_PARTITIONS, encode_event
 from service.settings import Settings
 from service.store import OutboxItem, Published, Store, W, Writes, open_store
 from tests.fixtures_consume import (

@@ -1,0 +1,1 @@
+"""The consumer process (`payhook consume`): dedupe, reconcile, store, publish settlements."""

@@ -1,0 +1,350 @@
+"""The consumer's batch pipeline: decode, validate, store, publish, commit.
+
+Per batch: ``getmany`` -> decode and validate (undecodable or invalid records go to the DLQ)
+-> one store transaction (dedupe by ``event_id``, reconcile, states + outbox) -> publish the
+batch's new settlement versions (the latest per invoice) and DLQ records with ``acks=all`` ->
+commit the offsets. While one batch is being published and committed the next is already read
+and stored; commits stay in batch order. Offsets are committed only after both the store
+transaction and the publish, so a crash anywhere reprocesses the batch, and idempotency makes
+that harmless. A settlement version stored but not published when the process died waits in the
+outbox and is published at the next start (:meth:`Pipeline.publish_outbox`).
+
+The Kafka clients are given to it by :mod:`service.consume.supervisor`, which recreates them
+when this raises :class:`Stalled` or a Kafka error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, final
+
+import msgspec
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError
+
+from schemas.events import InvoiceEvent
+from service.consume.metrics import ConsumerMetrics
+from service.consume.reconcile import (
+    BatchOutcome,
+    InvalidEvent,
+    InvoiceState,
+    apply_batch,
+    invoice_key,
+    validate,
+)
+from service.kafka import send_batched
+from service.settings import Settings
+from service.store import Published, Store, Writes
+
+log = structlog.get_logger("payhook.consume")
+
+_decoder: Final = msgspec.json.Decoder(InvoiceEvent)
+_encoder: Final = msgspec.json.Encoder()
+# How often an idle consumer checks that the broker still answers (the supervisor's probe).
+_PROBE_SECONDS: Final = 1.0
+_DLQ_ERROR_MAX: Final = 500  # header bytes: msgspec's message names the field, that is enough
+
+
+class Stalled(RuntimeError):
+    """The Kafka consumer stopped making progress (a commit did not return in time)."""
+
+
+@dataclass(slots=True)
+class _BatchWrites(Writes):
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+Poison = tuple[TopicPartition, "ConsumerRecord[bytes, bytes]", str]
+
+
+@final
+@dataclass(slots=True)
+class _Staged:
+    """A batch that is stored and waits for its publish and commit."""
+
+    batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]
+    started: float
+    records: int = 0
+    events: list[InvoiceEvent] = field(default_factory=list)
+    sources: list[tuple[TopicPartition, ConsumerRecord[bytes, bytes]]] = field(default_factory=list)
+    poison: list[Poison] = field(default_factory=list)
+    writes: _BatchWrites = field(default_factory=_BatchWrites)
+
+
+async def acked(futures: list[asyncio.Future[Any]], seconds: float) -> None:
+    """Waits until the broker acknowledged every send; raises the first failure, or
+    TimeoutError. Sends given up on may still fail later: their errors are seen, not leaked."""
+    for future in futures:
+        future.add_done_callback(retrieve)
+    async with asyncio.timeout(seconds):
+        await asyncio.gather(*futures)
+
+
+async def bounded(
+    awaitable: Awaitable[Any], seconds: float, leftovers: set[asyncio.Task[Any]] | None = None
+) -> bool:
+    """Waits at most ``seconds``; True when done. A call still hanging then is cancelled, or,
+    given ``leftovers``, left to finish in the background (a client's ``stop`` that completes
+    once the broker answers again) and collected there."""
+    task = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        if leftovers is None:
+            task.cancel()
+        else:
+            leftovers.add(task)
+        return False
+    if task.cancelled():
+        # Cancelled from inside the client (aiokafka's stop can end so): not our cancellation,
+        # and not done either.
+        return False
+    task.result()
+    return True
+
+
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """Marks a finished send's or background task's outcome as seen (what mattered was logged
+    where it happened), so asyncio does not report it as never retrieved."""
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("background_task_failed", error=type(future.exception()).__name__)
+
+
+@final
+class Pipeline:
+    """Batches through the store and out to Kafka, two in flight. One per consumer process;
+    it outlives the Kafka clients (a settlement published but not yet marked so in the store is
+    remembered across a reconnect)."""
+
+    def __init__(self, settings: Settings, metrics: ConsumerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.store: Store | None = None  # set by the supervisor once the store is open
+        self.batch_lock = asyncio.Lock()
+        self.batches = 0
+        self._published: list[Published] = []
+        self._inflight: asyncio.Task[None] | None = None
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RuntimeError("consumer not started")
+        return self.store
+
+    def take_published(self) -> list[Published]:
+        """The settlement versions published since the store last heard of it."""
+        published, self._published = self._published, []
+        return published
+
+    async def wait_inflight(self, within: float) -> None:
+        """Lets the batches in flight be stored, published and committed (before partitions
+        move; bounded: a stuck commit is the supervisor's business)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                async with self.batch_lock:
+                    if self._inflight is not None:
+                        await asyncio.wait({self._inflight})
+
+    async def publish_outbox(self, producer: AIOKafkaProducer) -> None:
+        """Publishes every settlement version stored but not yet published (after a crash)."""
+        items = await self._store().unpublished()
+        if not items:
+            return
+        futures = [
+            await producer.send(
+                self.settings.settlements_topic, value=item.settlement, key=item.key.encode()
+            )
+            for item in items
+        ]
+        await acked(futures, self.settings.commit_timeout)
+        await self._store().mark_published([(i.key, i.version) for i in items])
+        log.info("outbox_published", settlements=len(items))
+
+    async def run(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        stop: asyncio.Event,
+        idle: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Two stages in flight: while batch N is published and committed, batch N+1 is read,
+        decoded and stored. Commits stay in batch order (each finish awaits the previous).
+        ``idle`` runs about once a second while no record arrives (the supervisor's probe)."""
+        probed = time.monotonic()
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=200, max_records=self.settings.consumer_batch_max
+                )
+                if self._inflight is not None and self._inflight.done():
+                    inflight, self._inflight = self._inflight, None
+                    inflight.result()  # a failed publish or commit restarts the clients
+                if not batch:
+                    if time.monotonic() - probed >= _PROBE_SECONDS:
+                        await idle()
+                        probed = time.monotonic()
+                    continue
+                async with self.batch_lock:
+                    staged = await self._stage(batch)
+                    self._inflight = asyncio.create_task(
+                        self._finish(consumer, producer, staged, self._inflight)
+                    )
+        finally:
+            last, self._inflight = self._inflight, None
+            if last is not None:
+                # Let the batch already stored finish its publish and commit (the graceful
+                # path); when it fails, the outbox and redelivery cover it.
+                await asyncio.wait({last})
+                error = None if last.cancelled() else last.exception()
+                if error is not None:
+                    log.warning("batch_unfinished", reason=type(error).__name__)
+
+    async def _stage(
+        self, batch: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]
+    ) -> _Staged:
+        """Decodes and validates the records and runs the batch's store transaction."""
+        staged = _Staged(batch=batch, started=time.perf_counter())
+        decode = _decoder.decode
+        events = staged.events
+        for tp, records in batch.items():
+            staged.records += len(records)
+            for record in records:
+                try:
+                    if record.value is None:
+                        raise InvalidEvent("record has no value")
+                    event = decode(record.value)
+                    validate(event, record.key)
+                except msgspec.DecodeError as exc:  # ValidationError is a DecodeError
+                    staged.poison.append((tp, record, f"undecodable: {exc}"))
+                except InvalidEvent as exc:
+                    staged.poison.append((tp, record, f"invalid: {exc}"))
+                else:
+                    events.append(event)
+                    staged.sources.append((tp, record))
+
+        now = datetime.now(UTC)
+
+        def update(states: Mapping[str, InvoiceState]) -> _BatchWrites:
+            result = apply_batch(states, events, now)
+            return _BatchWrites(
+                states=result.states,
+                outbox=result.settlements,
+                outcomes=result.outcomes,
+                rejected=result.rejected,
+            )
+
+        keys = {invoice_key(e.provider, e.invoice_id) for e in events}
+        published, self._published = self._published, []
+        try:
+            staged.writes = await self._store().transact(keys, update, published)
+        except BaseException:
+            self._published = published + self._published  # still to be forgotten
+            raise
+        for index, reason in staged.writes.rejected.items():
+            tp, record = staged.sources[index]
+            staged.poison.append((tp, record, reason))
+        return staged
+
+    async def _finish(
+        self,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        staged: _Staged,
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Publishes the batch's DLQ records and settlements (acks=all), then commits."""
+        if previous is not None:
+            await previous
+        settings = self.settings
+        writes = staged.writes
+        futures = []
+        for tp, record, reason in staged.poison:
+            headers = [
+                *(record.headers or ()),
+                ("error", reason[:_DLQ_ERROR_MAX].encode()),
+                ("source-topic", tp.topic.encode()),
+                ("source-partition", str(tp.partition).encode()),
+                ("source-offset", str(record.offset).encode()),
+            ]
+            futures.append(
+                await producer.send(
+                    settings.dlq_topic, value=record.value, key=record.key, headers=headers
+                )
+            )
+        encode = _encoder.encode
+        futures += await send_batched(
+            producer,
+            settings.settlements_topic,
+            ((key.encode(), encode(settlement), []) for key, settlement in writes.outbox.items()),
+        )
+        await acked(futures, settings.commit_timeout)
+        published_at = datetime.now(UTC)
+        self._published.extend((k, s.version) for k, s in writes.outbox.items())
+
+        offsets = {tp: records[-1].offset + 1 for tp, records in staged.batch.items() if records}
+        await self._commit(consumer, offsets)
+        self._observe(consumer, staged, offsets, published_at)
+
+    def _observe(
+        self,
+        consumer: AIOKafkaConsumer,
+        staged: _Staged,
+        offsets: Mapping[TopicPartition, int],
+        published_at: datetime,
+    ) -> None:
+        """Metrics and the summary line, once everything is durable."""
+        writes = staged.writes
+        m = self.metrics
+        processed = duplicates = 0
+        for outcome in writes.outcomes:
+            if outcome == "duplicate":
+                duplicates += 1
+            elif outcome != "invalid":
+                processed += 1
+        m.events.labels("processed").inc(processed)
+        m.events.labels("duplicate").inc(duplicates)
+        m.events.labels("dlq").inc(len(staged.poison))
+        received = {e.event_id: e.received_at for e in staged.events}
+        by_state: dict[str, int] = {}
+        for settlement in writes.outbox.values():
+            by_state[settlement.state] = by_state.get(settlement.state, 0) + 1
+            if settlement.discrepancy:
+                m.discrepancies.labels(settlement.provider).inc()
+            at = received.get(settlement.last_event_id)
+            if at is not None:
+                m.e2e_latency.observe(max(0.0, (published_at - at).total_seconds()))
+        for state, count in by_state.items():
+            m.settlements.labels(state).inc(count)
+        for tp, next_offset in offsets.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                m.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - next_offset))
+        duration = time.perf_counter() - staged.started
+        m.batch_duration.observe(duration)
+        self.batches += 1
+        log.info(
+            "batch",
+            records=staged.records,
+            processed=processed,
+            duplicates=duplicates,
+            dlq=len(staged.poison),
+            settlements=len(writes.outbox),
+            duration_ms=round(duration * 1000, 1),
+        )
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        try:
+            done = await bounded(consumer.commit(dict(offsets)), self.settings.commit_timeout)
+        except CommitFailedError:
+            # The group rebalanced: these records will be redelivered, harmlessly.
+            log.warning("commit_failed_rebalanced")
+            return
+        if not done:
+            raise Stalled(f"commit did not return within {self.settings.commit_timeout}s")

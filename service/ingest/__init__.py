@@ -1,0 +1,1 @@
+"""The HTTP ingest process (`payhook serve`): authenticate, decode, normalize, publish or spool."""

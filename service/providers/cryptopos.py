@@ -1,0 +1,151 @@
+"""Crypto POS: its callback authenticated, decoded and normalized.
+
+Authentication is by the merchant: one callback URL per merchant, and every callback signs its
+``data`` with the merchant secret (``PAYHOOK_CRYPTOPOS_SECRET``) inside the body, so the
+envelope is split (not decoded) first and the signature checked on the exact bytes of ``data``.
+Its payments state a running total (``paidAmount``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import datetime
+from typing import Final, Literal, final
+
+import msgspec
+
+from schemas.events import InvoiceEvent, Payment
+from schemas.providers import CryptoPosInvoice, CryptoPosTransaction
+from service.errors import InvalidJson, InvalidPayload
+from service.providers.normalize import (
+    EPOCH,
+    TOO_DEEP,
+    amount,
+    decode_with,
+    finish,
+    parse_time,
+    required_amount,
+)
+from service.settings import Secret, Settings
+
+
+class _CryptoPosEnvelope(msgspec.Struct):
+    """The callback as far as it is read before the signature is checked: both fields raw, so
+    a missing or odd signature is an authentication failure, not a payload error."""
+
+    signature: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+    data: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+
+
+_DATA: Final = msgspec.json.Decoder(CryptoPosInvoice)
+_ENVELOPE: Final = msgspec.json.Decoder(_CryptoPosEnvelope)
+_STR: Final = msgspec.json.Decoder(str)
+
+
+def signature(data_bytes: bytes, secret: bytes) -> str:
+    """Hex SHA-256 of the exact bytes of ``data`` followed by the merchant secret."""
+    return hashlib.sha256(data_bytes + secret).hexdigest()
+
+
+def verify_signature(data_bytes: bytes, secret: bytes, presented: str) -> bool:
+    """Case-insensitive hex comparison, in constant time."""
+    expected = signature(data_bytes, secret).encode()
+    return hmac.compare_digest(expected, presented.lower().encode("utf-8", "replace"))
+
+
+def split(body: bytes) -> tuple[str | None, bytes]:
+    """The presented signature (None when missing or not a string) and the exact bytes of
+    ``data`` (empty when missing). Only a body that is not JSON raises (InvalidJson)."""
+    try:
+        envelope = _ENVELOPE.decode(body)
+    except msgspec.ValidationError:
+        # JSON, but not an object: nothing carries a signature.
+        return None, b""
+    except msgspec.DecodeError as exc:
+        raise InvalidJson(str(exc)) from None
+    except RecursionError:
+        raise InvalidJson(TOO_DEEP) from None
+    signature: str | None = None
+    if envelope.signature:
+        try:
+            signature = _STR.decode(envelope.signature)
+        except msgspec.ValidationError:
+            signature = None
+    return signature, bytes(envelope.data)
+
+
+def _cryptopos_payment(
+    tx: CryptoPosTransaction, default_currency: str | None, path: str
+) -> Payment:
+    currency = tx.currency or default_currency
+    if currency is None:
+        raise InvalidPayload(f"Object missing required field `currency` - at `{path}`")
+    return Payment(
+        txid=tx.tx,
+        amount=amount(tx.amount, path, ".amount"),
+        currency=currency,
+        method=tx.network,
+        created_at=parse_time(tx.timestamp, path, ".timestamp") if tx.timestamp else None,
+        crypto_amount=amount(tx.cryptoAmount, path, ".cryptoAmount"),
+    )
+
+
+def _draft(data: CryptoPosInvoice) -> InvoiceEvent:
+    payments = tuple(
+        _cryptopos_payment(tx, data.currency, f"$.data.transactions[{i}]")
+        for i, tx in enumerate(data.transactions)
+    )
+    stamps = [p.created_at for p in payments if p.created_at is not None]
+    occurred = max(stamps) if stamps else parse_time(data.createdAt, "$.data.createdAt")
+    return InvoiceEvent(
+        event_id="",
+        received_at=EPOCH,
+        provider="cryptopos",
+        invoice_id=data.id,
+        order_id=data.client.referenceID if data.client else None,
+        status="completed" if data.completed else "pending",
+        provider_status="completed" if data.completed else "partial",
+        amount=required_amount(data.total, "$.data.total"),
+        currency="USD",
+        pay_currency="USD",
+        expected_pay_amount=data.total,
+        payments=payments,
+        amount_diff=None,
+        paid_total=amount(data.paidAmount, "$.data.paidAmount"),
+        occurred_at=occurred,
+    )
+
+
+@final
+class CryptoPos:
+    name: Final = "cryptopos"
+    title: Final = "Crypto POS"
+    authentication: Final[Literal["merchant_signature"]] = "merchant_signature"
+    secret_setting: Final = "PAYHOOK_CRYPTOPOS_SECRET"  # noqa: S105 - the variable's name
+    reports_running_total: Final = True
+
+    def merchant_secret(self, settings: Settings) -> Secret | None:
+        return settings.cryptopos_secret
+
+    def authenticate(self, body: bytes, secret: Secret) -> bytes | None:
+        """The exact bytes of the signed ``data``, or None when the signature is missing or
+        wrong. Only a body that is not JSON raises (InvalidJson)."""
+        presented, data = split(body)
+        if not presented or not data or not verify_signature(data, secret.reveal(), presented):
+            return None
+        return data
+
+    def decode(self, body: bytes) -> CryptoPosInvoice:
+        """Decodes the (already authenticated) ``data`` bytes; paths are reported from the body
+        root (``$.data.id``)."""
+        return decode_with(_DATA, body, "$.data")
+
+    def order_id_of(self, notification: CryptoPosInvoice) -> str | None:
+        return notification.client.referenceID if notification.client else None
+
+    def normalize(self, notification: CryptoPosInvoice, received_at: datetime) -> InvoiceEvent:
+        return finish(_draft(notification), received_at)
+
+
+CRYPTOPOS: Final = CryptoPos()
