@@ -3,6 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# `make run` needs the runtime and the local broker only; the test and check tools (and the
+# deploy validators, most of the venv's size) come with `make setup`, which test and check use.
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: run test check bench faults setup promtool clean schemas wrk
 
@@ -12,7 +15,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[local]'
+	touch $(RUN_STAMP)
 
 # Debian's prometheus package gives promtool and the server used by the monitoring checks.
 promtool:
@@ -23,7 +32,7 @@ promtool:
 	@# the package starts a system server we do not want; tests start their own
 	@-systemctl stop prometheus >/dev/null 2>&1 || true
 
-run: setup
+run: $(RUN_STAMP)
 	$(BIN)/python -m devtools.devrun
 
 test: setup promtool
