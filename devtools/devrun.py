@@ -4,6 +4,11 @@ Children run in their own sessions, so a Ctrl-C reaches them once, forwarded fro
 Without ``PAYHOOK_SIGNING_KEYS`` a development key is generated once into
 ``var/dev-signing-keys`` (mode 0600) and used; ``payhook secret`` needs the same value:
 ``export PAYHOOK_SIGNING_KEYS=$(cat var/dev-signing-keys)``.
+
+Every port it needs is checked before anything starts, and a busy one is named with the
+setting that moves it. The local broker keeps everything in memory, so a run starts with a
+fresh local store too (``var/dev/payhook.db``, removed at start): an old store beside an empty
+broker would have seen every re-posted example already and settle nothing.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Final
 
 from devtools.devbroker import LocalBroker
 from service.kafka import ensure_topics
-from service.settings import SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings, local_url
 
 VAR: Final = Path("var")
 DEV_KEYS: Final = VAR / "dev-signing-keys"
+DEV_STORE: Final = VAR / "dev" / "payhook.db"
 _POLL_SECONDS: Final = 0.2
 
 
@@ -40,9 +46,57 @@ def dev_signing_keys(path: Path = DEV_KEYS) -> str:
     return path.read_text().strip()
 
 
-def _port_in_use(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether a server could not listen on ``host:port`` now (bound as servers bind it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def busy_ports(settings: Settings) -> list[str]:
+    """A line for every port ``make run`` needs that is taken, naming the setting that moves
+    it; empty when all are free."""
+    host, _, port_text = settings.kafka_bootstrap.rpartition(":")
+    needed = (
+        ("the local broker", host, int(port_text), "PAYHOOK_KAFKA_BOOTSTRAP=127.0.0.1:PORT"),
+        ("payhook serve", settings.http_host, settings.http_port, "PAYHOOK_HTTP_PORT"),
+        ("payhook consume", settings.http_host, settings.consumer_port, "PAYHOOK_CONSUMER_PORT"),
+    )
+    return [
+        f"port {port} ({what}) is already in use on {host}; move it with {setting}"
+        for what, host, port, setting in needed
+        if _port_in_use(host, port)
+    ]
+
+
+def fresh_dev_store(env: dict[str, str], path: Path = DEV_STORE) -> str:
+    """The store URL for this run: unless ``PAYHOOK_STORE_URL`` is set, a local SQLite store
+    emptied now, because the local broker starts empty too. A line says which."""
+    if env.get("PAYHOOK_STORE_URL"):
+        return (
+            "devrun: PAYHOOK_STORE_URL is set: that store keeps what earlier runs stored, "
+            "while the local broker starts empty"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    env["PAYHOOK_STORE_URL"] = f"sqlite:///{path}"
+    return f"devrun: fresh local store {path} (the local broker keeps nothing between runs)"
+
+
+def summary(settings: Settings, bootstrap: str) -> str:
+    """The line that says where everything listens, from the settings actually in force."""
+    return (
+        f"devrun: payhook serve on {local_url(settings.http_host, settings.http_port)} "
+        f"(webhook URLs start {settings.public_url}), payhook consume probes on "
+        f"{local_url(settings.http_host, settings.consumer_port)}, Kafka at "
+        f"{bootstrap}; Ctrl-C stops"
+    )
 
 
 def main() -> int:
@@ -61,10 +115,12 @@ def main() -> int:
         print("devrun: PAYHOOK_KAFKA_BOOTSTRAP must be 127.0.0.1:PORT", file=sys.stderr)
         return 2
     port = int(port_text)
-    for what, p in (("broker", port), ("HTTP", settings.http_port)):
-        if _port_in_use(p):
-            print(f"devrun: {what} port {p} is already in use", file=sys.stderr)
-            return 1
+    busy = busy_ports(settings)
+    if busy:
+        for line in busy:
+            print(f"devrun: {line}", file=sys.stderr)
+        return 1
+    print(fresh_dev_store(env), flush=True)
 
     stop_signal: list[int] = []
 
@@ -86,11 +142,7 @@ def main() -> int:
             children[verb] = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", verb], env=env, start_new_session=True
             )
-        print(
-            f"devrun: {', '.join(verbs)} on {settings.public_url} with Kafka at "
-            f"{broker.bootstrap}; Ctrl-C stops",
-            flush=True,
-        )
+        print(summary(settings, broker.bootstrap), flush=True)
         while not stop_signal and broker.running:
             exited = [verb for verb, proc in children.items() if proc.poll() is not None]
             if exited:

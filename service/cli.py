@@ -8,6 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from service import __version__
 from service.ingest.secrets import mint_secret, webhook_url
 from service.providers import MERCHANT_SIGNED, PER_ORDER, PROVIDERS
 from service.settings import SettingsError, load_settings
@@ -19,8 +20,15 @@ _MERCHANT_SIGNED_NOTE = (
 )
 
 
+_DESCRIPTION = (
+    "payhook: webhook ingestion and reconciliation for crypto payment providers. "
+    "Settings come from PAYHOOK_* environment variables (see the README)."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="payhook", description=__doc__)
+    parser = argparse.ArgumentParser(prog="payhook", description=_DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"payhook {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the HTTP ingest service")
     commands.add_parser("consume", help="run the reconciling consumer")

@@ -90,16 +90,20 @@ class LineWriter:
     system call, at the start of the next turn (outside a loop: at once).
 
     One summary line per request is on the hot path, and a write per line cost as much as
-    answering the request. A line waits at most one loop turn; ``atexit`` writes what is left.
+    answering the request. A line waits at most one loop turn; at exit, the writer
+    :func:`configure_logging` installed writes what is left.
     """
 
     __slots__ = ("_file", "_lines", "_scheduled")
+
+    @property
+    def file(self) -> BinaryIO:
+        return self._file
 
     def __init__(self, file: BinaryIO) -> None:
         self._file = file
         self._lines: list[bytes] = []
         self._scheduled = False
-        atexit.register(self.flush)
 
     def msg(self, message: bytes) -> None:
         self._lines.append(message + b"\n")
@@ -162,6 +166,33 @@ class UtcTimestamp:
         return event
 
 
+@final
+class _Installed:
+    """The one LineWriter configured for this process: flushed at exit by the one ``atexit``
+    handler, however often logging is configured."""
+
+    writer: LineWriter | None = None
+
+    @classmethod
+    def flush(cls) -> None:
+        if cls.writer is not None:
+            cls.writer.flush()
+
+
+def _exit_flushed_writer(file: BinaryIO) -> LineWriter:
+    """The writer for ``file``: the installed one when it writes there already, else a new one
+    that replaces it (what the old one held is written first)."""
+    installed = _Installed.writer
+    if installed is not None and installed.file is file:
+        return installed
+    if installed is None:
+        atexit.register(_Installed.flush)
+    else:
+        installed.flush()
+    _Installed.writer = LineWriter(file)
+    return _Installed.writer
+
+
 def configure_logging(
     log_format: str = "json", level: int = logging.INFO, *, cache: bool = True
 ) -> None:
@@ -182,7 +213,7 @@ def configure_logging(
     else:
         # orjson renders bytes: one line per request is on the hot path.
         renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
-        writer = LineWriter(sys.stderr.buffer)
+        writer = _exit_flushed_writer(sys.stderr.buffer)
         factory = lambda *args: writer  # noqa: E731 - structlog calls it with the logger name
         foreign_renderer = structlog.processors.JSONRenderer()
 

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import final
+from typing import Final, final
 
 
 class SettingsError(ValueError):
@@ -159,6 +159,20 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be true or false, got {raw!r}")
 
 
+# Hosts that mean "every interface": a URL to reach them goes through the loopback.
+_WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", "[::]", "*"})
+
+
+def local_url(host: str, port: int) -> str:
+    """``http://host:port`` for an address payhook listens on, as a client on this machine
+    reaches it (the loopback for a wildcard host; brackets for an IPv6 address)."""
+    if host in _WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def load_settings(
     env: Mapping[str, str] | None = None, *, require_signing_keys: bool = True
 ) -> Settings:
@@ -177,14 +191,16 @@ def load_settings(
     if not store_url.startswith(("sqlite:///", "postgresql://", "postgres://")):
         raise SettingsError("PAYHOOK_STORE_URL must start with sqlite:/// or postgresql://")
     cryptopos = env.get("PAYHOOK_CRYPTOPOS_SECRET")
+    http_host = env.get("PAYHOOK_HTTP_HOST") or "127.0.0.1"
+    http_port = _int(env, "PAYHOOK_HTTP_PORT", 8080)
     return Settings(
         signing_keys=signing_keys,
         kafka_bootstrap=env.get("PAYHOOK_KAFKA_BOOTSTRAP") or "127.0.0.1:9092",
         topic_prefix=env.get("PAYHOOK_TOPIC_PREFIX") or "payhook",
-        http_host=env.get("PAYHOOK_HTTP_HOST") or "127.0.0.1",
-        http_port=_int(env, "PAYHOOK_HTTP_PORT", 8080),
+        http_host=http_host,
+        http_port=http_port,
         consumer_port=_int(env, "PAYHOOK_CONSUMER_PORT", 8081),
-        public_url=(env.get("PAYHOOK_PUBLIC_URL") or "http://127.0.0.1:8080").rstrip("/"),
+        public_url=(env.get("PAYHOOK_PUBLIC_URL") or local_url(http_host, http_port)).rstrip("/"),
         max_body_bytes=_int(env, "PAYHOOK_MAX_BODY_BYTES", 65536, minimum=1),
         auth_failure_budget=_int(env, "PAYHOOK_AUTH_FAILURE_BUDGET", 20),
         cryptopos_secret=Secret(cryptopos.encode()) if cryptopos else None,

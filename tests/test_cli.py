@@ -11,6 +11,7 @@ import pytest
 
 from devtools.devbroker import LocalBroker, free_port
 from devtools.devrun import dev_signing_keys
+from service import __version__
 from service.cli import main
 from service.ingest.secrets import verify_secret
 from service.settings import Settings, parse_signing_keys
@@ -133,3 +134,21 @@ def test_dev_signing_key_is_made_once_for_the_owner_only(tmp_path: Path) -> None
     (key,) = parse_signing_keys(first)
     assert key.kid == "dev"
     assert len(key.key.reveal()) == 32
+
+
+def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"payhook {__version__}\n"
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "serve" in out
+    assert "consume" in out
+    assert "``" not in out
+    assert ":class:" not in out

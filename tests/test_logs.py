@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import io
 import json
@@ -15,6 +16,7 @@ import structlog
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
+import service.logs
 from service.logs import (
     LineWriter,
     bind_event,
@@ -223,3 +225,15 @@ async def test_the_request_line_goes_through_the_configured_processors(
     assert line["timestamp"].endswith("Z")
     assert (line["request_id"], line["path"], line["method"]) == ("req-7", "/healthz", "GET")
     assert (line["status"], line["error"], line["provider"]) == (200, None, None)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configuring_logging_again_registers_no_more_exit_handlers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registered: list[object] = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(service.logs._Installed, "writer", None)
+    for _ in range(3):
+        configure_logging("json", cache=False)
+    assert registered == [service.logs._Installed.flush]

@@ -54,3 +54,34 @@ def test_secrets_never_print() -> None:
 def test_bad_numbers_name_the_variable() -> None:
     with pytest.raises(SettingsError, match="PAYHOOK_HTTP_PORT"):
         load_settings({"PAYHOOK_SIGNING_KEYS": f"a:{KEY}", "PAYHOOK_HTTP_PORT": "http"})
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "url"),
+    [
+        (None, None, "http://127.0.0.1:8080"),
+        (None, "18080", "http://127.0.0.1:18080"),
+        ("0.0.0.0", "9000", "http://127.0.0.1:9000"),
+        ("::", "9000", "http://127.0.0.1:9000"),
+        ("localhost", "9000", "http://localhost:9000"),
+        ("::1", "9000", "http://[::1]:9000"),
+    ],
+)
+def test_public_url_defaults_to_the_configured_http_address(
+    host: str | None, port: str | None, url: str
+) -> None:
+    env = {"PAYHOOK_SIGNING_KEYS": f"a:{KEY}"}
+    if host is not None:
+        env["PAYHOOK_HTTP_HOST"] = host
+    if port is not None:
+        env["PAYHOOK_HTTP_PORT"] = port
+    assert load_settings(env).public_url == url
+
+
+def test_public_url_set_explicitly_wins() -> None:
+    env = {
+        "PAYHOOK_SIGNING_KEYS": f"a:{KEY}",
+        "PAYHOOK_HTTP_PORT": "18080",
+        "PAYHOOK_PUBLIC_URL": "https://pay.example.com/",
+    }
+    assert load_settings(env).public_url == "https://pay.example.com"
