@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -28,6 +28,10 @@ SettlementState = Literal[
     "cancelled",
 ]
 
+# A time with its offset, always written in UTC: the JSON Schemas say ``format: date-time``
+# (msgspec says so only of an aware datetime), and a decoder refuses a naive one.
+Instant = Annotated[datetime, msgspec.Meta(tz=True)]
+
 INVOICE_EVENT_SCHEMA = "payhook.invoice-event.v1"
 SETTLEMENT_SCHEMA = "payhook.settlement.v1"
 
@@ -40,8 +44,8 @@ class Payment(msgspec.Struct, frozen=True, kw_only=True):
     currency: str
     method: str | None = None
     confirmations: int | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
+    created_at: Instant | None = None
+    updated_at: Instant | None = None
     force_completed: bool = False
     # Crypto POS states both the USD value (``amount``) and the crypto amount.
     crypto_amount: Decimal | None = None
@@ -64,8 +68,8 @@ class InvoiceEvent(msgspec.Struct, frozen=True, kw_only=True):
     payments: tuple[Payment, ...] = ()
     amount_diff: Decimal | None = None
     paid_total: Decimal | None = None
-    occurred_at: datetime
-    received_at: datetime
+    occurred_at: Instant
+    received_at: Instant
 
 
 class Settlement(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,4 +90,4 @@ class Settlement(msgspec.Struct, frozen=True, kw_only=True):
     payments: tuple[Payment, ...]
     version: int
     last_event_id: str
-    updated_at: datetime
+    updated_at: Instant
