@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # deploy validators, most of the venv's size) come with `make setup`, which test and check use.
 RUN_STAMP := $(VENV)/.installed-run
 
-.PHONY: run test check bench faults setup promtool clean schemas wrk
+.PHONY: run test check bench faults fuzz setup promtool clean schemas wrk
 
 setup: $(STAMP)
 
@@ -39,8 +39,8 @@ test: setup promtool
 	$(BIN)/pytest -q -p no:cacheprovider
 
 check: setup
-	$(BIN)/ruff check service schemas devtools tests bench faults
-	$(BIN)/ruff format --check service schemas devtools tests bench faults
+	$(BIN)/ruff check service schemas devtools tests bench faults fuzz
+	$(BIN)/ruff format --check service schemas devtools tests bench faults fuzz
 	$(BIN)/mypy
 
 schemas: setup
@@ -59,6 +59,11 @@ bench: setup wrk
 
 faults: setup
 	$(BIN)/pytest -q -p no:cacheprovider faults
+
+# Hostile input against a running serve: schemathesis, then FUZZ_REQUESTS (100000) mutated
+# requests; exits non-zero on any 5xx, broken connection, RSS growth >= 64 MiB or invalid event.
+fuzz: setup
+	$(BIN)/python -m fuzz
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache

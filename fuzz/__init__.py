@@ -1,0 +1,1 @@
+"""``make fuzz``: hostile input against a running ``payhook serve`` (see fuzz.campaign)."""
