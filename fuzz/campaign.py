@@ -35,13 +35,14 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from jsonschema import Draft202012Validator
 
+from devtools.devbroker import LocalBroker, free_port, stop_process, wait_for_port
 from fuzz.cases import Case, Generator, Keys
 from fuzz.wire import Exchange, exchange
 from schemas.events import InvoiceEvent
 from schemas.generate import HERE as SCHEMAS
-from service.devbroker import LocalBroker, free_port, stop_process, wait_for_port
 from service.settings import parse_signing_keys
 
+ROOT: Final = Path(__file__).resolve().parent.parent
 HOST: Final = "127.0.0.1"
 BODY_TIMEOUT: Final = 2.0
 RSS_GROWTH_LIMIT: Final = 64 * 1024 * 1024
@@ -189,6 +190,8 @@ def run_schemathesis(serve: Serve, seconds: int, work: Path) -> tuple[bool, str]
     env = {
         **os.environ,
         "SCHEMATHESIS_HOOKS": "fuzz.st_hooks",
+        # run from the work dir (schemathesis writes its cache there): the hooks from here
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         "FUZZ_SIGNING_KEYS": serve.env["PAYHOOK_SIGNING_KEYS"],
     }
     command = [
@@ -215,7 +218,9 @@ def run_schemathesis(serve: Serve, seconds: int, work: Path) -> tuple[bool, str]
     ]
     output = work / "schemathesis.log"
     with output.open("wb") as out:
-        code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
+        code = subprocess.run(
+            command, env=env, cwd=work, stdout=out, stderr=subprocess.STDOUT, check=False
+        )
     text = output.read_text(errors="replace")
     summary = "\n".join(text.strip().splitlines()[-25:])
     return code.returncode == 0, summary
@@ -388,7 +393,7 @@ def main() -> int:
     st_seconds = _env_int("FUZZ_SCHEMATHESIS_SECONDS", 120)
     max_seconds = float(_env_int("FUZZ_MAX_SECONDS", 1800))
     Path("var").mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fuzz-", dir="var"))
+    work = Path(tempfile.mkdtemp(prefix="fuzz-", dir="var")).resolve()
     print(f"fuzz: seed {seed}, {total} connections, work dir {work}", flush=True)
     started = time.monotonic()
     with LocalBroker(log_path=work / "tansu.log") as broker, running_serve(broker, work) as serve:

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from service.auth import cryptopos_signature, mint_secret
+from service.ingest.secrets import mint_secret
+from service.providers.cryptopos import signature as cryptopos_signature
 from service.settings import SigningKey
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import schemathesis
 
-from service.auth import mint_secret
+from service.ingest.secrets import mint_secret
 from service.settings import parse_signing_keys
 
 _KEYS = parse_signing_keys(os.environ.get("FUZZ_SIGNING_KEYS", ""))

@@ -15,11 +15,14 @@ from typing import Any
 # run that collected no hypothesis test.
 import hypothesis  # noqa: F401
 import msgspec
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from jsonschema import Draft202012Validator
 
 from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent, Settlement
+from schemas.generate import HERE as SCHEMAS
 from service.consume.supervisor import Consumer
 from service.kafka import encode_event, ensure_topics, event_headers, event_key
 from service.settings import Settings
@@ -98,6 +101,20 @@ async def read_topic(
         return records
     finally:
         await reader.stop()
+
+
+def schema_validator(name: str) -> Draft202012Validator:
+    """A standard validator of one generated JSON Schema, format checking on (date-time)."""
+    schema = orjson.loads((SCHEMAS / name).read_bytes())
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def validate_records(records: Records, schema: str) -> None:
+    """Every record's JSON validates against ``schema`` (a generated file's name)."""
+    validator = schema_validator(schema)
+    for record in records:
+        validator.validate(orjson.loads(record.value))
 
 
 def settlements_of(records: Records) -> list[Settlement]:

@@ -29,6 +29,7 @@ from tests.fixtures_consume import (
     counter,
     read_topic,
     running_consumer,
+    validate_records,
 )
 
 SEED_INVOICE = "a6761c8b-468f-40ad-a522-cc5e41c39757"
@@ -188,6 +189,10 @@ async def test_webhooks_to_settlements(kafka_settings: Settings, app_client: Cli
         records = await read_topic(s, s.settlements_topic, settled)
         # Every event is accounted for: 11 posted, one of them a duplicate.
         await wait_counted(consumer, 10, 1)
+    events = await read_topic(s, s.events_topic, lambda got: len(got) >= 11)
+    # Any standard validator with format checking accepts every record published.
+    validate_records(events, "invoice-event.v1.json")
+    validate_records(records, "settlement.v1.json")
     latest = raw_latest(records)
 
     seed = latest[f"bitfinex:{SEED_INVOICE}"]

@@ -17,25 +17,23 @@ from schemas import generate, openapi
 from schemas.events import InvoiceEvent, Settlement
 from schemas.http import Accepted, Error, ErrorCode
 from service import errors
-from service.normalize import decode, decode_cryptopos_data, normalize, split_cryptopos
-from service.reconcile import apply
+from service.consume.reconcile import apply
+from service.providers.bitfinex import BITFINEX
+from service.providers.cryptopos import CRYPTOPOS
+from service.providers.cryptopos import split as split_cryptopos
+from service.providers.cryptosteroid import CRYPTOSTEROID
 from tests.fixtures_app import SEED_003, cryptopos_body, cryptosteroid, encode
+from tests.fixtures_consume import schema_validator
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
-
-
-def validator(name: str) -> Draft202012Validator:
-    schema = json.loads((generate.HERE / name).read_bytes())
-    Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
 
 
 def sample_events() -> list[InvoiceEvent]:
     _, data = split_cryptopos(cryptopos_body())
     return [
-        normalize(decode("bitfinex", SEED_003), NOW),
-        normalize(decode("cryptosteroid", encode(cryptosteroid())), NOW),
-        normalize(decode_cryptopos_data(data), NOW),
+        BITFINEX.normalize(BITFINEX.decode(SEED_003), NOW),
+        CRYPTOSTEROID.normalize(CRYPTOSTEROID.decode(encode(cryptosteroid())), NOW),
+        CRYPTOPOS.normalize(CRYPTOPOS.decode(data), NOW),
     ]
 
 
@@ -59,8 +57,8 @@ def test_event_schemas_are_draft_2020_12_with_ids_and_no_custom_format() -> None
 
 
 def test_published_records_validate_with_format_checking() -> None:
-    events = validator("invoice-event.v1.json")
-    settlements = validator("settlement.v1.json")
+    events = schema_validator("invoice-event.v1.json")
+    settlements = schema_validator("settlement.v1.json")
     for event in sample_events():
         events.validate(as_json(event))
         settlement = apply(None, event, NOW).state.settlement
@@ -84,16 +82,16 @@ def test_published_records_validate_with_format_checking() -> None:
 def test_a_malformed_amount_or_time_is_refused(field: str, value: object) -> None:
     record = as_json(sample_events()[0])
     record[field] = value
-    assert not validator("invoice-event.v1.json").is_valid(record)
+    assert not schema_validator("invoice-event.v1.json").is_valid(record)
 
 
 def test_a_malformed_payment_amount_in_a_settlement_is_refused() -> None:
     record = as_json(apply(None, sample_events()[0], NOW).state.settlement)
     assert record["payments"]
     record["payments"][0]["amount"] = "-1E-8"
-    assert not validator("settlement.v1.json").is_valid(record)
+    assert not schema_validator("settlement.v1.json").is_valid(record)
     record["payments"][0]["amount"] = "-0.00000001"
-    validator("settlement.v1.json").validate(record)
+    schema_validator("settlement.v1.json").validate(record)
 
 
 def test_the_structs_refuse_a_naive_time_the_schemas_would_refuse() -> None:
