@@ -17,6 +17,10 @@ PROVIDERS: tuple[Provider, ...] = ("bitfinex", "cryptosteroid", "cryptopos")
 
 InvoiceStatus = Literal["created", "pending", "completed", "expired", "cancelled"]
 
+# How an event reached payhook: a provider's notification, or read back from its API by
+# ``payhook recover``. Not part of ``event_id``: the same facts have one id either way.
+Origin = Literal["webhook", "recovery"]
+
 SettlementState = Literal[
     "awaiting_payment",
     "partially_paid",
@@ -67,6 +71,7 @@ class InvoiceEvent(msgspec.Struct, frozen=True, kw_only=True):
     expected_pay_amount: Decimal | None = None
     payments: tuple[Payment, ...] = ()
     amount_diff: Decimal | None = None
+    origin: Origin = "webhook"
     paid_total: Decimal | None = None
     occurred_at: Instant
     received_at: Instant

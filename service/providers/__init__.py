@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol, TypeVar
 
-from schemas.events import InvoiceEvent
+from schemas.events import InvoiceEvent, Origin
 from service.providers.bitfinex import BITFINEX
 from service.providers.cryptopos import CRYPTOPOS
 from service.providers.cryptosteroid import CRYPTOSTEROID
@@ -51,8 +51,11 @@ class Provider(Protocol[N]):
     def order_id_of(self, notification: N) -> str | None:
         """The merchant's order id the notification is about, if it states one."""
 
-    def normalize(self, notification: N, received_at: datetime) -> InvoiceEvent:
-        """The provider-neutral event; InvalidPayload for what cannot be money or a time."""
+    def normalize(
+        self, notification: N, received_at: datetime, origin: Origin = "webhook"
+    ) -> InvoiceEvent:
+        """The provider-neutral event; InvalidPayload for what cannot be money or a time.
+        ``origin`` says how it came: a notification, or read back by ``payhook recover``."""
 
 
 class PerOrderProvider(Provider[N], Protocol[N]):

@@ -12,7 +12,7 @@ from typing import Final, Literal, final
 
 import msgspec
 
-from schemas.events import InvoiceEvent, InvoiceStatus, Payment
+from schemas.events import InvoiceEvent, InvoiceStatus, Origin, Payment
 from schemas.providers import BitfinexInvoiceEntry, BitfinexPayment, BitfinexWebhook
 from service.errors import InvalidPayload
 from service.providers.normalize import (
@@ -133,8 +133,10 @@ class Bitfinex:
     def order_id_of(self, notification: BitfinexWebhook) -> str | None:
         return notification.orderId
 
-    def normalize(self, notification: BitfinexWebhook, received_at: datetime) -> InvoiceEvent:
-        return finish(_draft(notification), received_at)
+    def normalize(
+        self, notification: BitfinexWebhook, received_at: datetime, origin: Origin = "webhook"
+    ) -> InvoiceEvent:
+        return finish(_draft(notification), received_at, origin)
 
 
 BITFINEX: Final = Bitfinex()

@@ -15,7 +15,7 @@ from typing import Final, Literal, final
 
 import msgspec
 
-from schemas.events import InvoiceEvent, Payment
+from schemas.events import InvoiceEvent, Origin, Payment
 from schemas.providers import CryptoPosInvoice, CryptoPosTransaction
 from service.errors import InvalidJson, InvalidPayload
 from service.providers.normalize import (
@@ -144,8 +144,10 @@ class CryptoPos:
     def order_id_of(self, notification: CryptoPosInvoice) -> str | None:
         return notification.client.referenceID if notification.client else None
 
-    def normalize(self, notification: CryptoPosInvoice, received_at: datetime) -> InvoiceEvent:
-        return finish(_draft(notification), received_at)
+    def normalize(
+        self, notification: CryptoPosInvoice, received_at: datetime, origin: Origin = "webhook"
+    ) -> InvoiceEvent:
+        return finish(_draft(notification), received_at, origin)
 
 
 CRYPTOPOS: Final = CryptoPos()

@@ -13,7 +13,7 @@ from typing import Final, Literal, final
 
 import msgspec
 
-from schemas.events import InvoiceEvent, InvoiceStatus, Payment
+from schemas.events import InvoiceEvent, InvoiceStatus, Origin, Payment
 from schemas.providers import CryptoSteroidInvoice
 from service.providers.normalize import (
     EPOCH,
@@ -88,8 +88,10 @@ class CryptoSteroid:
     def order_id_of(self, notification: CryptoSteroidInvoice) -> str | None:
         return notification.externalId
 
-    def normalize(self, notification: CryptoSteroidInvoice, received_at: datetime) -> InvoiceEvent:
-        return finish(_draft(notification), received_at)
+    def normalize(
+        self, notification: CryptoSteroidInvoice, received_at: datetime, origin: Origin = "webhook"
+    ) -> InvoiceEvent:
+        return finish(_draft(notification), received_at, origin)
 
 
 CRYPTOSTEROID: Final = CryptoSteroid()

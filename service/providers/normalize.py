@@ -17,7 +17,7 @@ from typing import Final, TypeVar
 import msgspec
 import orjson
 
-from schemas.events import InvoiceEvent, InvoiceStatus, Payment
+from schemas.events import InvoiceEvent, InvoiceStatus, Origin, Payment
 from service.errors import InvalidJson, InvalidPayload
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -65,10 +65,12 @@ def decode_with(decoder: msgspec.json.Decoder[T], body: bytes, prefix: str = "$"
         raise InvalidJson(TOO_DEEP) from None
 
 
-def finish(draft: InvoiceEvent, received_at: datetime) -> InvoiceEvent:
-    """The event with its id and arrival time: a provider's builder leaves both blank, because
-    the id covers the content only."""
-    return msgspec.structs.replace(draft, event_id=event_id(draft), received_at=received_at)
+def finish(draft: InvoiceEvent, received_at: datetime, origin: Origin = "webhook") -> InvoiceEvent:
+    """The event with its id, arrival time and origin: a provider's builder leaves them blank,
+    because the id covers the content only."""
+    return msgspec.structs.replace(
+        draft, event_id=event_id(draft), received_at=received_at, origin=origin
+    )
 
 
 def _decimal_fields(struct: type[msgspec.Struct]) -> tuple[str, ...]:
@@ -86,9 +88,10 @@ _PAYMENT_DECIMALS: Final = _decimal_fields(Payment)
 def event_id(event: InvoiceEvent) -> str:
     """128 bits of SHA-256 over the event's canonical content: keys sorted, decimals without
     trailing zeros (``2.50`` and ``2.5`` agree), times as UTC instants. Neither the raw bytes
-    nor ``received_at`` take part, so a repeat, however formatted, has the same id."""
+    nor ``received_at`` nor ``origin`` take part, so a repeat, however formatted, and the same
+    facts read back by recovery have the same id."""
     content = msgspec.structs.asdict(event)
-    del content["event_id"], content["received_at"]
+    del content["event_id"], content["received_at"], content["origin"]
     for name in _EVENT_DECIMALS:
         content[name] = _canonical(content[name])
     payments = []
