@@ -75,6 +75,19 @@ class Settings:
     consumer_session_timeout_ms: int = 10000
     consumer_batch_max: int = 500
     commit_timeout: float = 10.0
+    # payhook recover: each provider's API settings (its recovery is off without them).
+    bitfinex_api_url: str = "https://api.bitfinex.com"
+    bitfinex_api_key: Secret | None = None
+    bitfinex_api_secret: Secret | None = None
+    cryptosteroid_api_url: str | None = None
+    cryptosteroid_api_key: Secret | None = None
+    cryptosteroid_merchant_id: str | None = None
+    cryptopos_api_url: str | None = None
+    cryptopos_api_key: Secret | None = None
+    cryptopos_merchant_id: str | None = None
+    recover_interval: float = 300.0
+    recover_lookback: float = 172800.0
+    recover_port: int = 8082
 
     @property
     def events_topic(self) -> str:
@@ -91,6 +104,32 @@ class Settings:
     @property
     def topics(self) -> tuple[str, str, str]:
         return (self.events_topic, self.settlements_topic, self.dlq_topic)
+
+
+# The settings each provider's recovery needs, by variable name and field.
+RECOVERY_SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "bitfinex": (
+        ("PAYHOOK_BITFINEX_API_KEY", "bitfinex_api_key"),
+        ("PAYHOOK_BITFINEX_API_SECRET", "bitfinex_api_secret"),
+    ),
+    "cryptosteroid": (
+        ("PAYHOOK_CRYPTOSTEROID_API_URL", "cryptosteroid_api_url"),
+        ("PAYHOOK_CRYPTOSTEROID_API_KEY", "cryptosteroid_api_key"),
+        ("PAYHOOK_CRYPTOSTEROID_MERCHANT_ID", "cryptosteroid_merchant_id"),
+    ),
+    "cryptopos": (
+        ("PAYHOOK_CRYPTOPOS_API_URL", "cryptopos_api_url"),
+        ("PAYHOOK_CRYPTOPOS_API_KEY", "cryptopos_api_key"),
+        ("PAYHOOK_CRYPTOPOS_MERCHANT_ID", "cryptopos_merchant_id"),
+    ),
+}
+
+
+def recovery_missing(settings: Settings, provider: str) -> tuple[str, ...]:
+    """The variables ``provider``'s recovery lacks; empty when it can be swept."""
+    return tuple(
+        name for name, attr in RECOVERY_SETTINGS[provider] if getattr(settings, attr) is None
+    )
 
 
 def parse_signing_keys(raw: str) -> tuple[SigningKey, ...]:
@@ -173,6 +212,20 @@ def local_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def _url(env: Mapping[str, str], name: str) -> str | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    if not raw.startswith(("http://", "https://")):
+        raise SettingsError(f"{name} must start with http:// or https://")
+    return raw.rstrip("/")
+
+
+def _secret(env: Mapping[str, str], name: str) -> Secret | None:
+    raw = env.get(name)
+    return Secret(raw.encode()) if raw else None
+
+
 def load_settings(
     env: Mapping[str, str] | None = None, *, require_signing_keys: bool = True
 ) -> Settings:
@@ -215,4 +268,16 @@ def load_settings(
         consumer_session_timeout_ms=_int(env, "PAYHOOK_CONSUMER_SESSION_TIMEOUT_MS", 10000, 1),
         consumer_batch_max=_int(env, "PAYHOOK_CONSUMER_BATCH_MAX", 500, minimum=1),
         commit_timeout=_float(env, "PAYHOOK_COMMIT_TIMEOUT", 10.0),
+        bitfinex_api_url=_url(env, "PAYHOOK_BITFINEX_API_URL") or "https://api.bitfinex.com",
+        bitfinex_api_key=_secret(env, "PAYHOOK_BITFINEX_API_KEY"),
+        bitfinex_api_secret=_secret(env, "PAYHOOK_BITFINEX_API_SECRET"),
+        cryptosteroid_api_url=_url(env, "PAYHOOK_CRYPTOSTEROID_API_URL"),
+        cryptosteroid_api_key=_secret(env, "PAYHOOK_CRYPTOSTEROID_API_KEY"),
+        cryptosteroid_merchant_id=env.get("PAYHOOK_CRYPTOSTEROID_MERCHANT_ID") or None,
+        cryptopos_api_url=_url(env, "PAYHOOK_CRYPTOPOS_API_URL"),
+        cryptopos_api_key=_secret(env, "PAYHOOK_CRYPTOPOS_API_KEY"),
+        cryptopos_merchant_id=env.get("PAYHOOK_CRYPTOPOS_MERCHANT_ID") or None,
+        recover_interval=_float(env, "PAYHOOK_RECOVER_INTERVAL", 300.0),
+        recover_lookback=_float(env, "PAYHOOK_RECOVER_LOOKBACK", 172800.0),
+        recover_port=_int(env, "PAYHOOK_RECOVER_PORT", 8082),
     )

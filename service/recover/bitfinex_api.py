@@ -185,7 +185,7 @@ class BitfinexApi:
         session: aiohttp.ClientSession,
         *,
         url: str,
-        key: str,
+        key: Secret,
         secret: Secret,
         clock: Clock,
         policy: RetryPolicy,
@@ -271,7 +271,7 @@ class BitfinexApi:
             nonce = self._nonce.next()
             headers = {
                 "bfx-nonce": nonce,
-                "bfx-apikey": self._key,
+                "bfx-apikey": self._key.reveal().decode(),
                 "bfx-signature": signature(self._secret.reveal(), nonce, body),
                 "Content-Type": "application/json",
             }

@@ -55,7 +55,7 @@ def client(
     return BitfinexApi(
         http,
         url=url,
-        key=BFX_KEY,
+        key=Secret(BFX_KEY.encode()),
         secret=Secret(secret.encode()),
         clock=clock,
         policy=policy,

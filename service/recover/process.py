@@ -1,0 +1,342 @@
+"""``payhook recover``: sweeps every ``PAYHOOK_RECOVER_INTERVAL`` (or once, with ``--once``).
+
+The process reads the consumer's store read-only, talks to the configured providers' APIs
+through one HTTP session, publishes with ``acks=all`` through its own producer and serves
+``/healthz``, ``/readyz`` and ``/metrics`` on ``PAYHOOK_RECOVER_PORT``. Run one per set of API
+keys (nonces and rate limits are per key): a single replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final, final
+
+import aiohttp
+import structlog
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from schemas.events import PROVIDERS, InvoiceEvent, Provider
+from service.metrics import CONTENT_TYPE
+from service.publish import encode_event, ensure_topics, event_headers, event_key
+from service.recover.api import Clock, LoopClock, RetryPolicy
+from service.recover.bitfinex_api import BitfinexApi
+from service.recover.cryptopos_api import CryptoPosApi
+from service.recover.cryptosteroid_api import CryptoSteroidApi
+from service.recover.metrics import RecoverMetrics
+from service.recover.sweep import PublishFailed, RefreshApi, Summary, Sweeper
+from service.settings import RECOVERY_SETTINGS, Settings, recovery_missing
+from service.store import StoreError
+from service.store_reader import StoreReader, open_reader
+from service.tasks import cancel_and_wait
+
+log = structlog.get_logger("payhook.recover")
+
+_USER_AGENT: Final = "payhook-recover"
+
+
+@final
+class EventPublisher:
+    """Publishes recovered events with ``acks=all``; connects on first use, so a sweep still
+    reads (and reports) while Kafka is down."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._producer: AIOKafkaProducer | None = None
+
+    async def _started(self) -> AIOKafkaProducer:
+        if self._producer is not None:
+            return self._producer
+        problems = await ensure_topics(self._settings)
+        failed = {topic: p for topic, p in problems.items() if p is not None}
+        if self._settings.events_topic in failed:
+            raise PublishFailed(f"topic {self._settings.events_topic}: {failed}")
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            acks="all",
+            enable_idempotence=self._settings.kafka_idempotence,
+            client_id=_USER_AGENT,
+        )
+        try:
+            await producer.start()
+        except (KafkaError, OSError) as exc:
+            await producer.stop()
+            raise PublishFailed(f"Kafka unreachable ({type(exc).__name__})") from None
+        self._producer = producer
+        return producer
+
+    async def publish(self, events: Sequence[InvoiceEvent]) -> None:
+        producer = await self._started()
+        topic = self._settings.events_topic
+        try:
+            async with asyncio.timeout(self._settings.commit_timeout):
+                futures = [
+                    await producer.send(
+                        topic, value=encode_event(e), key=event_key(e), headers=event_headers(e)
+                    )
+                    for e in events
+                ]
+                results = await asyncio.gather(*futures, return_exceptions=True)
+        except TimeoutError:
+            raise PublishFailed(
+                f"not acknowledged within {self._settings.commit_timeout:g} s"
+            ) from None
+        except KafkaError as exc:
+            raise PublishFailed(type(exc).__name__) from None
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise PublishFailed(f"{len(errors)} not acknowledged ({type(errors[0]).__name__})")
+
+    async def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+
+@dataclass(slots=True)
+class Recovery:
+    """What a running ``payhook recover`` holds."""
+
+    sweeper: Sweeper
+    metrics: RecoverMetrics
+    ready: bool = False
+
+
+def missing_settings(settings: Settings) -> dict[Provider, tuple[str, ...]]:
+    return {p: recovery_missing(settings, p) for p in PROVIDERS}
+
+
+def _record(metrics: RecoverMetrics, summary: Summary) -> None:
+    if not summary.configured:
+        return
+    provider = summary.provider
+    metrics.sweeps.labels(provider, summary.outcome).inc()
+    metrics.duration.labels(provider).observe(summary.seconds)
+    if summary.errors:
+        metrics.errors.labels(provider).inc(len(summary.errors))
+    else:
+        metrics.last_success.labels(provider).set(time.time())
+
+
+@contextlib.asynccontextmanager
+async def recovery(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    policy: RetryPolicy | None = None,
+    wall: Callable[[], datetime] | None = None,
+) -> AsyncIterator[Recovery]:
+    """Opens the store read-only, the HTTP session and the producer; closes them after."""
+    clock = clock or LoopClock()
+    policy = policy or RetryPolicy()
+    metrics = RecoverMetrics()
+    missing = missing_settings(settings)
+    reader: StoreReader = await open_reader(settings.store_url)
+    publisher = EventPublisher(settings)
+    session = aiohttp.ClientSession(headers={"User-Agent": _USER_AGENT})
+    try:
+
+        def counting(provider: str) -> Callable[[str], None]:
+            return lambda outcome: metrics.requests.labels(provider, outcome).inc()
+
+        bitfinex: BitfinexApi | None = None
+        if not missing["bitfinex"]:
+            assert settings.bitfinex_api_key is not None
+            assert settings.bitfinex_api_secret is not None
+            bitfinex = BitfinexApi(
+                session,
+                url=settings.bitfinex_api_url,
+                key=settings.bitfinex_api_key,
+                secret=settings.bitfinex_api_secret,
+                clock=clock,
+                policy=policy,
+                on_request=counting("bitfinex"),
+            )
+        refresh: dict[Provider, RefreshApi] = {}
+        if not missing["cryptosteroid"]:
+            assert settings.cryptosteroid_api_url is not None
+            assert settings.cryptosteroid_api_key is not None
+            assert settings.cryptosteroid_merchant_id is not None
+            refresh["cryptosteroid"] = CryptoSteroidApi(
+                session,
+                url=settings.cryptosteroid_api_url,
+                key=settings.cryptosteroid_api_key,
+                merchant_id=settings.cryptosteroid_merchant_id,
+                clock=clock,
+                policy=policy,
+                on_request=counting("cryptosteroid"),
+            )
+        if not missing["cryptopos"]:
+            assert settings.cryptopos_api_url is not None
+            assert settings.cryptopos_api_key is not None
+            assert settings.cryptopos_merchant_id is not None
+            refresh["cryptopos"] = CryptoPosApi(
+                session,
+                url=settings.cryptopos_api_url,
+                key=settings.cryptopos_api_key,
+                merchant_id=settings.cryptopos_merchant_id,
+                clock=clock,
+                policy=policy,
+                on_request=counting("cryptopos"),
+            )
+        started = time.time()
+        for provider in PROVIDERS:
+            swept = not missing[provider]
+            metrics.configured.labels(provider).set(1 if swept else 0)
+            if swept:
+                # A fresh process gets the alert's 30 minutes before its first success is due.
+                metrics.last_success.labels(provider).set(started)
+                for outcome in ("ok", "error"):
+                    metrics.sweeps.labels(provider, outcome)
+                metrics.published.labels(provider, "completed")
+
+        def published(event: InvoiceEvent) -> None:
+            metrics.published.labels(event.provider, event.status).inc()
+
+        sweeper = Sweeper(
+            store=reader,
+            publish=publisher.publish,
+            lookback=settings.recover_lookback,
+            bitfinex=bitfinex,
+            refresh=refresh,
+            missing={p: m for p, m in missing.items() if m},
+            wall=wall,
+            on_summary=lambda summary: _record(metrics, summary),
+            on_published=published,
+        )
+        yield Recovery(sweeper=sweeper, metrics=metrics)
+    finally:
+        await session.close()
+        await publisher.close()
+        await reader.close()
+
+
+def none_configured_message() -> str:
+    names = "; ".join(
+        f"{provider}: {', '.join(name for name, _ in needed)}"
+        for provider, needed in RECOVERY_SETTINGS.items()
+    )
+    return f"payhook: no provider's API is configured, nothing to recover (set {names})\n"
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """What tests replace: the pacing clock, the retry policy, the wall clock."""
+
+    clock: Clock | None = None
+    policy: RetryPolicy | None = None
+    wall: Callable[[], datetime] | None = None
+
+
+async def once(settings: Settings, options: Options = Options()) -> int:
+    """One sweep of every configured provider; a line per provider on stdout. 0 when every
+    configured provider's sweep succeeded, 1 otherwise, 2 when none is configured."""
+    if all(missing_settings(settings).values()):
+        sys.stderr.write(none_configured_message())
+        return 2
+    try:
+        async with recovery(
+            settings, clock=options.clock, policy=options.policy, wall=options.wall
+        ) as running:
+            summaries = await running.sweeper.sweep()
+    except StoreError as exc:
+        sys.stderr.write(f"payhook: {exc}\n")
+        return 1
+    for summary in summaries:
+        print(summary.line(), flush=True)
+    return 0 if all(s.ok for s in summaries if s.configured) else 1
+
+
+_RECOVERY_KEY: Final = web.AppKey("recovery", Recovery)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[_RECOVERY_KEY].ready:
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "unavailable"}, status=503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[_RECOVERY_KEY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def create_probe_app(running: Recovery) -> web.Application:
+    """``/healthz``, ``/readyz`` and ``/metrics`` of ``payhook recover``."""
+    app = web.Application()
+    app[_RECOVERY_KEY] = running
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+def _set_ready(running: Recovery, ready: bool) -> None:
+    running.ready = ready
+    running.metrics.ready.set(1 if ready else 0)
+
+
+async def serve(settings: Settings, stop: asyncio.Event, options: Options = Options()) -> int:
+    """Sweeps every ``recover_interval`` until ``stop``; a sweep in flight is abandoned (what
+    it did not publish, the next sweep finds)."""
+    if all(missing_settings(settings).values()):
+        sys.stderr.write(none_configured_message())
+        return 2
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            running = await stack.enter_async_context(
+                recovery(settings, clock=options.clock, policy=options.policy, wall=options.wall)
+            )
+        except StoreError as exc:
+            log.error("recover_failed", detail=str(exc))
+            return 1
+        runner = web.AppRunner(create_probe_app(running), access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        stack.callback(_set_ready, running, False)
+        await web.TCPSite(runner, settings.http_host, settings.recover_port).start()
+        _set_ready(running, True)
+        log.info("recover_started", port=settings.recover_port)
+        while not stop.is_set():
+            sweep = asyncio.create_task(running.sweeper.sweep())
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({sweep, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await cancel_and_wait(stopping)
+            if not sweep.done():
+                await cancel_and_wait(sweep)
+                break
+            sweep.result()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.recover_interval)
+    return 0
+
+
+async def _main(settings: Settings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await serve(settings, stop)
+
+
+def run(settings: Settings, *, once_only: bool = False) -> int:
+    """``payhook recover [--once]``."""
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_format)
+    if once_only:
+        return asyncio.run(once(settings))
+    return asyncio.run(_main(settings))
