@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -125,13 +125,13 @@ async def events_on_topic(settings: Settings, count: int) -> Records:
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
     with structlog.testing.capture_logs() as captured:
         yield captured
 
 
 async def test_a_sweep_recovers_missed_notifications_into_settlements(
-    world: World, capsys: pytest.CaptureFixture[str], logs: list[dict[str, Any]]
+    world: World, capsys: pytest.CaptureFixture[str], logs: list[MutableMapping[str, Any]]
 ) -> None:
     settings = world.settings
     t0 = now_ms() - 40 * HOUR_MS
@@ -283,7 +283,7 @@ async def test_a_pending_invoice_that_completes_is_recovered_on_the_next_sweep(
 
 
 async def test_a_failing_provider_fails_the_sweep_and_the_others_go_on(
-    world: World, capsys: pytest.CaptureFixture[str], logs: list[dict[str, Any]]
+    world: World, capsys: pytest.CaptureFixture[str], logs: list[MutableMapping[str, Any]]
 ) -> None:
     settings = dataclasses.replace(world.settings, bitfinex_api_secret=Secret(b"wrong"))
     world.cryptopos.faults.extend(["500"] * FAST_POLICY.attempts)
