@@ -21,7 +21,7 @@ from urllib.parse import quote
 import asyncpg
 import msgspec
 
-from service.reconcile import InvoiceState
+from service.consume.reconcile import InvoiceState
 from service.store import SCHEMA_VERSION, StoreError
 
 _state_decoder: Final = msgspec.json.Decoder(InvoiceState)
@@ -49,7 +49,8 @@ def _event_ids(data: bytes) -> frozenset[str]:
 
 
 def _updated_since(data: bytes, since: datetime) -> bool:
-    return _state_decoder.decode(data).settlement.updated_at >= since
+    updated: datetime = _state_decoder.decode(data).settlement.updated_at
+    return updated >= since
 
 
 class StoreReader(Protocol):

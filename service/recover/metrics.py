@@ -7,7 +7,8 @@ from typing import Final, final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
-from service.metrics import _build_info
+from service.metrics import build_info
+from service.readiness import Readiness
 
 # A sweep lasts from milliseconds (nothing to read) to minutes (paced Bitfinex listings).
 SWEEP_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -18,7 +19,7 @@ class RecoverMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        _build_info(r, "recover")
+        build_info(r, "recover")
         self.sweeps = Counter(
             "payhook_recover_sweeps",
             "Recovery sweeps by provider and outcome (ok, error)",
@@ -64,7 +65,7 @@ class RecoverMetrics:
             ["provider"],
             registry=r,
         )
-        self.ready = Gauge("payhook_ready", "1 when /readyz answers 200", registry=r)
+        self.readiness = Readiness(r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

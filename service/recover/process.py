@@ -25,8 +25,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from schemas.events import PROVIDERS, InvoiceEvent, Provider
+from service.kafka import encode_event, ensure_topics, event_headers, event_key
 from service.metrics import CONTENT_TYPE
-from service.publish import encode_event, ensure_topics, event_headers, event_key
 from service.recover.api import Clock, LoopClock, RetryPolicy
 from service.recover.bitfinex_api import BitfinexApi
 from service.recover.cryptopos_api import CryptoPosApi
@@ -107,7 +107,6 @@ class Recovery:
 
     sweeper: Sweeper
     metrics: RecoverMetrics
-    ready: bool = False
 
 
 def missing_settings(settings: Settings) -> dict[Provider, tuple[str, ...]]:
@@ -264,7 +263,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[_RECOVERY_KEY].ready:
+    if request.app[_RECOVERY_KEY].metrics.readiness.ready:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "unavailable"}, status=503)
 
@@ -284,11 +283,6 @@ def create_probe_app(running: Recovery) -> web.Application:
     return app
 
 
-def _set_ready(running: Recovery, ready: bool) -> None:
-    running.ready = ready
-    running.metrics.ready.set(1 if ready else 0)
-
-
 async def serve(settings: Settings, stop: asyncio.Event, options: Options = Options()) -> int:
     """Sweeps every ``recover_interval`` until ``stop``; a sweep in flight is abandoned (what
     it did not publish, the next sweep finds)."""
@@ -306,9 +300,9 @@ async def serve(settings: Settings, stop: asyncio.Event, options: Options = Opti
         runner = web.AppRunner(create_probe_app(running), access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        stack.callback(_set_ready, running, False)
+        stack.callback(running.metrics.readiness.shut_down)
         await web.TCPSite(runner, settings.http_host, settings.recover_port).start()
-        _set_ready(running, True)
+        running.metrics.readiness.set(True)
         log.info("recover_started", port=settings.recover_port)
         while not stop.is_set():
             sweep = asyncio.create_task(running.sweeper.sweep())

@@ -15,7 +15,7 @@ import pytest
 import structlog
 
 from schemas.events import InvoiceEvent, Settlement
-from service.normalize import decode, decode_cryptopos_data, normalize
+from service.providers import get
 from service.recover.process import Options, once
 from service.settings import Secret, Settings
 from tests.fixtures_consume import (
@@ -96,11 +96,9 @@ def now_ms() -> int:
 
 def webhook_event(provider: str, body: dict[str, Any]) -> InvoiceEvent:
     """The event ``payhook serve`` publishes for this notification body."""
-    received = datetime.now(UTC)
-    if provider == "cryptopos":
-        return normalize(decode_cryptopos_data(encode(body)), received)
-    notification = decode(provider, encode(body))
-    return normalize(notification, received)
+    handler = get(provider)
+    event: InvoiceEvent = handler.normalize(handler.decode(encode(body)), datetime.now(UTC))
+    return event
 
 
 async def settle(
