@@ -61,6 +61,11 @@ FORBIDDEN = [
     ("service.consume", "service.ingest"),
     ("service.providers", "service.ingest"),
     ("service.providers", "service.consume"),
+    ("service.recover", "service.ingest"),
+    ("service.recover", "service.consume"),
+    ("service.ingest", "service.recover"),
+    ("service.consume", "service.recover"),
+    ("service.providers", "service.recover"),
     ("service", "devtools"),
 ]
 

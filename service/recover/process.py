@@ -27,10 +27,10 @@ from aiokafka.errors import KafkaError
 from schemas.events import PROVIDERS, InvoiceEvent, Provider
 from service.kafka import encode_event, ensure_topics, event_headers, event_key
 from service.metrics import CONTENT_TYPE
-from service.recover.api import Clock, LoopClock, RetryPolicy
-from service.recover.bitfinex_api import BitfinexApi
-from service.recover.cryptopos_api import CryptoPosApi
-from service.recover.cryptosteroid_api import CryptoSteroidApi
+from service.providers.api import Clock, LoopClock, RetryPolicy
+from service.providers.bitfinex import BitfinexApi
+from service.providers.cryptopos import CryptoPosApi
+from service.providers.cryptosteroid import CryptoSteroidApi
 from service.recover.metrics import RecoverMetrics
 from service.recover.sweep import PublishFailed, RefreshApi, Summary, Sweeper
 from service.settings import RECOVERY_SETTINGS, Settings, recovery_missing

@@ -24,10 +24,10 @@ from typing import Final, Protocol, final
 import structlog
 
 from schemas.events import InvoiceEvent, Provider
-from service.recover.api import ApiError, CredentialsRejected
-from service.recover.bitfinex_api import BitfinexApi
-from service.recover.cryptopos_api import CryptoPosApi
-from service.recover.cryptosteroid_api import CryptoSteroidApi
+from service.providers.api import ApiError, CredentialsRejected
+from service.providers.bitfinex import BitfinexApi
+from service.providers.cryptopos import CryptoPosApi
+from service.providers.cryptosteroid import CryptoSteroidApi
 
 log = structlog.get_logger("payhook.recover")
 

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from service.recover.api import RetryPolicy
+from service.providers.api import RetryPolicy
 from tests.recover.simulators import (
     BitfinexSimulator,
     CryptoPosSimulator,

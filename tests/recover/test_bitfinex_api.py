@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.providers.bitfinex import BITFINEX
-from service.recover.api import CredentialsRejected, RetryPolicy
-from service.recover.bitfinex_api import LIMIT, BitfinexApi, Nonce, to_event
+from service.providers.api import CredentialsRejected, RetryPolicy
+from service.providers.bitfinex import BITFINEX, LIMIT, BitfinexApi, Nonce, to_event
 from service.settings import Secret
 from tests.recover.conftest import BFX_KEY, BFX_SECRET, FAST_POLICY, Serve
 from tests.recover.simulators import (

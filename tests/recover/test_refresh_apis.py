@@ -10,10 +10,9 @@ import msgspec
 import pytest
 
 from devtools.devbroker import free_port
-from service.providers.cryptopos import CRYPTOPOS
-from service.recover.api import ApiError, CredentialsRejected, InvoiceUnavailable, Unavailable
-from service.recover.cryptopos_api import CryptoPosApi
-from service.recover.cryptosteroid_api import CryptoSteroidApi
+from service.providers.api import ApiError, CredentialsRejected, InvoiceUnavailable, Unavailable
+from service.providers.cryptopos import CRYPTOPOS, CryptoPosApi
+from service.providers.cryptosteroid import CryptoSteroidApi
 from service.settings import Secret
 from tests.recover.conftest import (
     CS_KEY,
