@@ -1,4 +1,4 @@
-"""The ``payhook`` command: serve, consume, secret, topics."""
+"""The ``payhook`` command: serve, consume, recover, secret, topics."""
 
 from __future__ import annotations
 
@@ -26,6 +26,21 @@ _DESCRIPTION = (
 )
 
 
+_RECOVER_DESCRIPTION = (
+    "Reads the providers' APIs and publishes, as events with origin 'recovery', what the store "
+    "has not processed: Bitfinex invoices created within the lookback, and the CryptoSteroid "
+    "and Crypto POS invoices still open in the store. Without --once it sweeps every "
+    "PAYHOOK_RECOVER_INTERVAL seconds and serves /metrics, /healthz and /readyz on "
+    "PAYHOOK_RECOVER_PORT. Settings: PAYHOOK_BITFINEX_API_URL, PAYHOOK_BITFINEX_API_KEY, "
+    "PAYHOOK_BITFINEX_API_SECRET, PAYHOOK_CRYPTOSTEROID_API_URL, PAYHOOK_CRYPTOSTEROID_API_KEY, "
+    "PAYHOOK_CRYPTOSTEROID_MERCHANT_ID, PAYHOOK_CRYPTOPOS_API_URL, PAYHOOK_CRYPTOPOS_API_KEY, "
+    "PAYHOOK_CRYPTOPOS_MERCHANT_ID (a provider is swept only when all of its are set), "
+    "PAYHOOK_RECOVER_INTERVAL, PAYHOOK_RECOVER_LOOKBACK, PAYHOOK_RECOVER_PORT, "
+    "PAYHOOK_STORE_URL (read only), PAYHOOK_KAFKA_BOOTSTRAP, PAYHOOK_TOPIC_PREFIX, "
+    "PAYHOOK_LOG_FORMAT."
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="payhook", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"payhook {__version__}")
@@ -33,6 +48,17 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the HTTP ingest service")
     commands.add_parser("consume", help="run the reconciling consumer")
     commands.add_parser("topics", help="create the Kafka topics that are missing")
+    recover = commands.add_parser(
+        "recover",
+        help="recover notifications that never arrived, from the providers' own APIs",
+        description=_RECOVER_DESCRIPTION,
+    )
+    recover.add_argument(
+        "--once",
+        action="store_true",
+        help="one sweep of every configured provider, a summary line each; exit 0 when every "
+        "sweep succeeded, 1 when one failed, 2 when no provider is configured",
+    )
     secret = commands.add_parser(
         "secret", help="print an order's secret and the webhook URL to give the provider"
     )
@@ -88,6 +114,12 @@ def _consume() -> int:
     return int(consume.run(load_settings(require_signing_keys=False)))
 
 
+def _recover(once: bool) -> int:
+    # Imported on use, like the consumer: its dependencies stay out of the other verbs.
+    recover = importlib.import_module("service.recover.process")
+    return int(recover.run(load_settings(require_signing_keys=False), once_only=once))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -100,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _serve()
             case "consume":
                 return _consume()
+            case "recover":
+                return _recover(args.once)
     except SettingsError as exc:
         print(f"payhook: {exc}", file=sys.stderr)
         return 2

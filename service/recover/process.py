@@ -286,9 +286,6 @@ def create_probe_app(running: Recovery) -> web.Application:
 async def serve(settings: Settings, stop: asyncio.Event, options: Options = Options()) -> int:
     """Sweeps every ``recover_interval`` until ``stop``; a sweep in flight is abandoned (what
     it did not publish, the next sweep finds)."""
-    if all(missing_settings(settings).values()):
-        sys.stderr.write(none_configured_message())
-        return 2
     async with contextlib.AsyncExitStack() as stack:
         try:
             running = await stack.enter_async_context(
@@ -330,6 +327,9 @@ def run(settings: Settings, *, once_only: bool = False) -> int:
     """``payhook recover [--once]``."""
     from service.logs import configure_logging
 
+    if all(missing_settings(settings).values()):
+        sys.stderr.write(none_configured_message())
+        return 2
     configure_logging(settings.log_format)
     if once_only:
         return asyncio.run(once(settings))
