@@ -49,7 +49,7 @@ import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.ingest import SIGNING_KEYS, wait_ready, webhook
+from bench.ingest import SIGNING_KEYS, cpu_seconds, wait_ready, webhook
 from service.auth import mint_secret
 from service.devbroker import LocalBroker, free_port, stop_process, wait_for_port
 from service.publish import ensure_topics
@@ -78,6 +78,8 @@ class Answer(msgspec.Struct, array_like=True):
     answered_at: float  # wall clock (time.time()) when the answer was read
     status: int  # 0: no answer (connection refused, reset, timeout)
     event_id: str
+    late: float  # how late the generator started it (its own stalls, not the server's)
+    connected: float  # due -> the connection established (the server's accept queue)
 
 
 class _Accepted(msgspec.Struct):
@@ -106,11 +108,13 @@ def requests(base: int, count: int) -> list[bytes]:
 
 
 async def _one(port: int, request: bytes, due: float, started: float) -> Answer:
-    loop = asyncio.get_running_loop()
     status, event_id = 0, ""
+    late = time.perf_counter() - due
+    connected = math.nan
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            connected = time.perf_counter() - due
             try:
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -127,8 +131,9 @@ async def _one(port: int, request: bytes, due: float, started: float) -> Answer:
             event_id = _accepted.decode(body).event_id
     except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError, msgspec.DecodeError):
         pass
-    now = loop.time()
-    return Answer(due - started, now - due, time.time(), status, event_id)
+    # perf_counter: uvloop's clock counts whole milliseconds.
+    answered = time.perf_counter() - due
+    return Answer(due - started, answered, time.time(), status, event_id, late, connected)
 
 
 async def generate(port: int, rate: float, seconds: float, base: int) -> list[Answer]:
@@ -136,12 +141,11 @@ async def generate(port: int, rate: float, seconds: float, base: int) -> list[An
     the previous ones are doing (open loop)."""
     count = int(rate * seconds)
     prepared = requests(base, count)
-    loop = asyncio.get_running_loop()
-    started = loop.time() + 0.05
+    started = time.perf_counter() + 0.05
     tasks = []
     for i, request in enumerate(prepared):
         due = started + i / rate
-        delay = due - loop.time()
+        delay = due - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(_one(port, request, due, started)))
@@ -233,10 +237,10 @@ class SettlementReader:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest rank; NaN when empty."""
-    if not values:
+    """Nearest rank over the values that are numbers; NaN when none is."""
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
         return math.nan
-    ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
@@ -289,6 +293,8 @@ class Level:
     settle: list[float] = field(default_factory=list)  # seconds, one per accepted event
     unsettled: int = 0
     consume_hist: tuple[float, float] = (math.nan, math.nan)
+    # CPU time per request of each process of the stack (us), steadier than latency.
+    cpu_us: dict[str, float] = field(default_factory=dict)
 
     @property
     def measured(self) -> list[Answer]:
@@ -300,6 +306,12 @@ class Level:
 
     def answer_ms(self, q: float) -> float:
         return percentile([a.latency for a in self.measured], q) * 1000
+
+    def late_ms(self, q: float) -> float:
+        return percentile([a.late for a in self.measured], q) * 1000
+
+    def connected_ms(self, q: float) -> float:
+        return percentile([a.connected for a in self.measured], q) * 1000
 
     def settle_ms(self, q: float) -> float:
         return percentile(self.settle, q) * 1000
@@ -323,7 +335,10 @@ async def run_generator(port: int, rate: int, seconds: float, base: int) -> list
     out, _ = await process.communicate()
     if process.returncode != 0:
         raise SystemExit(f"load generator failed ({process.returncode})")
-    return msgspec.json.decode(out, type=list[Answer])
+    try:
+        return msgspec.json.decode(out, type=list[Answer])
+    except msgspec.DecodeError as exc:
+        raise SystemExit(f"load generator: {len(out)} bytes of output: {exc}") from None
 
 
 async def settled(
@@ -350,15 +365,22 @@ async def settled(
 
 
 async def measure_payhook(
-    http_port: int, consumer_port: int, reader: SettlementReader, rate: int, base: int
+    http_port: int,
+    consumer_port: int,
+    reader: SettlementReader,
+    rate: int,
+    base: int,
+    pids: dict[str, int],
 ) -> Level:
     histogram = "payhook_http_request_duration_seconds"
     e2e = "payhook_settlement_latency_seconds"
     serve_before = scrape(http_port, histogram, outcome="accepted")
     consume_before = scrape(consumer_port, e2e)
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     answers = await run_generator(http_port, rate, WARMUP_SECONDS + RUN_SECONDS, base)
     serve_after = scrape(http_port, histogram, outcome="accepted")
     times, unsettled = await settled(reader, answers, SETTLE_WITHIN)
+    cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
     consume_after = scrape(consumer_port, e2e)
     return Level(
         name="payhook",
@@ -374,6 +396,7 @@ async def measure_payhook(
             histogram_quantile(consume_before, consume_after, 0.5) * 1000,
             histogram_quantile(consume_before, consume_after, 0.99) * 1000,
         ),
+        cpu_us={name: used / len(answers) * 1e6 for name, used in cpu.items()},
     )
 
 
@@ -485,12 +508,24 @@ async def main(rates: Sequence[int]) -> int:
             _, unsettled = await settled(reader, warm, SETTLE_WITHIN)
             if unsettled:
                 raise SystemExit(f"{unsettled} warm-up events never settled")
+            pids = {"serve": serve.pid, "consume": consume.pid}
             for number, rate in enumerate(rates, start=1):
                 levels.append(
-                    await measure_payhook(http_port, consumer_port, reader, rate, number * 100_000)
+                    await measure_payhook(
+                        http_port, consumer_port, reader, rate, number * 100_000, pids
+                    )
                 )
+                before = cpu_seconds(floor.pid)
                 answers = await run_generator(floor_port, rate, WARMUP_SECONDS + RUN_SECONDS, 0)
-                levels.append(Level(name="floor", rate=rate, answers=answers))
+                used = cpu_seconds(floor.pid) - before
+                levels.append(
+                    Level(
+                        name="floor",
+                        rate=rate,
+                        answers=answers,
+                        cpu_us={"floor": used / len(answers) * 1e6},
+                    )
+                )
         finally:
             if reading is not None:
                 reading.cancel()
@@ -532,6 +567,13 @@ def report(levels: Sequence[Level], join: float, startup: float) -> int:
                 f"{_ms(level.consume_hist[0])}{_ms(level.consume_hist[1])}"
             )
         print(line)
+    for level in levels:
+        used = ", ".join(f"{name} {us:.0f}" for name, us in level.cpu_us.items())
+        print(
+            f"{level.rate}/s {level.name}: CPU us per request: {used}; the generator late "
+            f"p99 {level.late_ms(0.99):.1f} ms; connected p50/p99 {level.connected_ms(0.5):.1f}"
+            f"/{level.connected_ms(0.99):.1f} ms"
+        )
     beyond = startup - join
     print(
         f"consumer start-up: process start -> first settlement {startup:.2f}s; a bare group "
