@@ -56,6 +56,7 @@ wrk:
 bench: setup wrk
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.consume
+	$(BIN)/python -m bench.mixed
 
 faults: setup
 	$(BIN)/pytest -q -p no:cacheprovider faults

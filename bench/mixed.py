@@ -50,9 +50,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.ingest import SIGNING_KEYS, cpu_seconds, wait_ready, webhook
-from service.auth import mint_secret
-from service.devbroker import LocalBroker, free_port, stop_process, wait_for_port
-from service.publish import ensure_topics
+from devtools.devbroker import LocalBroker, free_port, stop_process, wait_for_port
+from service.ingest.secrets import mint_secret
+from service.kafka import ensure_topics
 from service.settings import load_settings, parse_signing_keys
 
 RATES: Final = (200, 1000)
