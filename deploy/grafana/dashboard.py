@@ -262,11 +262,59 @@ def consumer_panels() -> list[Timeseries | Stat]:
     ]
 
 
+def recover_panels() -> list[Timeseries | Stat]:
+    return [
+        stat(
+            "Missed notifications recovered",
+            "short",
+            "Events read back from the providers' APIs and published over the range: each one "
+            "a notification that never reached payhook.",
+            query("sum(increase(payhook_recover_events_published_total[$__range]))", "recovered"),
+        ),
+        stat(
+            "Oldest last successful sweep",
+            "s",
+            "Seconds since the least recently successful provider's last good sweep "
+            "(PayhookRecoveryStale past 30 minutes).",
+            query("max(time() - payhook_recover_last_success_timestamp_seconds)", "age"),
+        ),
+        timeseries(
+            "Recovery sweeps by provider and outcome",
+            "short",
+            "Sweeps per interval: ok, or error (a window or invoice not read whole, refused "
+            "credentials, a failed publish).",
+            query(
+                f"sum by (provider, outcome) (increase(payhook_recover_sweeps_total{RATE}))",
+                "{{provider}} {{outcome}}",
+            ),
+        ),
+        timeseries(
+            "Recovered events by provider",
+            "short",
+            "Missed notifications recovered per interval, by provider and status.",
+            query(
+                "sum by (provider, status) "
+                f"(increase(payhook_recover_events_published_total{RATE}))",
+                "{{provider}} {{status}}",
+            ),
+        ),
+        timeseries(
+            "Provider API requests by outcome",
+            "reqps",
+            "Requests to the providers' APIs: ok, retry, rate_limited, unavailable, refused.",
+            query(
+                f"sum by (provider, outcome) (rate(payhook_recover_api_requests_total{RATE}))",
+                "{{provider}} {{outcome}}",
+            ),
+        ),
+    ]
+
+
 def build() -> Dashboard:
     dashboard = (
         Dashboard("payhook")
         .uid(UID)
-        .description("Webhook ingest, spool, and reconciling consumer.")
+        .description("Webhook ingest, spool, reconciling consumer and recovery.")
         .tags(["payhook", "generated"])
         .refresh("30s")
         .time("now-3h", "now")
@@ -281,6 +329,11 @@ def build() -> Dashboard:
     dashboard = dashboard.with_row(Row("Consumer (payhook consume)").id(panel_id + 1))
     panel_id += 1
     for panel in consumer_panels():
+        panel_id += 1
+        dashboard = dashboard.with_panel(panel.id(panel_id))
+    dashboard = dashboard.with_row(Row("Recovery (payhook recover)").id(panel_id + 1))
+    panel_id += 1
+    for panel in recover_panels():
         panel_id += 1
         dashboard = dashboard.with_panel(panel.id(panel_id))
     return dashboard

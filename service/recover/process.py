@@ -132,11 +132,12 @@ async def recovery(
     clock: Clock | None = None,
     policy: RetryPolicy | None = None,
     wall: Callable[[], datetime] | None = None,
+    metrics: RecoverMetrics | None = None,
 ) -> AsyncIterator[Recovery]:
     """Opens the store read-only, the HTTP session and the producer; closes them after."""
     clock = clock or LoopClock()
     policy = policy or RetryPolicy()
-    metrics = RecoverMetrics()
+    metrics = metrics or RecoverMetrics()
     missing = missing_settings(settings)
     reader: StoreReader = await open_reader(settings.store_url)
     publisher = EventPublisher(settings)
@@ -193,9 +194,13 @@ async def recovery(
             if swept:
                 # A fresh process gets the alert's 30 minutes before its first success is due.
                 metrics.last_success.labels(provider).set(started)
+                # Every series an alert or panel reads exists from the first scrape.
                 for outcome in ("ok", "error"):
                     metrics.sweeps.labels(provider, outcome)
                 metrics.published.labels(provider, "completed")
+                metrics.errors.labels(provider)
+                metrics.requests.labels(provider, "ok")
+                metrics.duration.labels(provider)
 
         def published(event: InvoiceEvent) -> None:
             metrics.published.labels(event.provider, event.status).inc()
@@ -255,7 +260,7 @@ async def once(settings: Settings, options: Options = Options()) -> int:
     return 0 if all(s.ok for s in summaries if s.configured) else 1
 
 
-_RECOVERY_KEY: Final = web.AppKey("recovery", Recovery)
+_METRICS_KEY: Final = web.AppKey("metrics", RecoverMetrics)
 
 
 async def _healthz(request: web.Request) -> web.Response:
@@ -263,56 +268,77 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[_RECOVERY_KEY].metrics.readiness.ready:
+    if request.app[_METRICS_KEY].readiness.ready:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "unavailable"}, status=503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[_RECOVERY_KEY].metrics.render()
+    body = request.app[_METRICS_KEY].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def create_probe_app(running: Recovery) -> web.Application:
+def create_probe_app(metrics: RecoverMetrics) -> web.Application:
     """``/healthz``, ``/readyz`` and ``/metrics`` of ``payhook recover``."""
     app = web.Application()
-    app[_RECOVERY_KEY] = running
+    app[_METRICS_KEY] = metrics
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
 
 
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+async def _sweep_until(stop: asyncio.Event, running: Recovery, interval: float) -> None:
+    while not stop.is_set():
+        sweep = asyncio.create_task(running.sweeper.sweep())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({sweep, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        await cancel_and_wait(stopping)
+        if not sweep.done():
+            await cancel_and_wait(sweep)
+            return
+        sweep.result()
+        if await _stopped_within(stop, interval):
+            return
+
+
 async def serve(settings: Settings, stop: asyncio.Event, options: Options = Options()) -> int:
     """Sweeps every ``recover_interval`` until ``stop``; a sweep in flight is abandoned (what
-    it did not publish, the next sweep finds)."""
-    async with contextlib.AsyncExitStack() as stack:
-        try:
-            running = await stack.enter_async_context(
-                recovery(settings, clock=options.clock, policy=options.policy, wall=options.wall)
-            )
-        except StoreError as exc:
-            log.error("recover_failed", detail=str(exc))
-            return 1
-        runner = web.AppRunner(create_probe_app(running), access_log=None)
-        await runner.setup()
-        stack.push_async_callback(runner.cleanup)
-        stack.callback(running.metrics.readiness.shut_down)
+    it did not publish, the next sweep finds). The probes answer from the start; until the
+    store can be read (``payhook consume`` creates and migrates it) ``/readyz`` says 503 and
+    the store is tried again. Without any provider configured it idles and says so."""
+    metrics = RecoverMetrics()
+    runner = web.AppRunner(create_probe_app(metrics), access_log=None)
+    await runner.setup()
+    try:
         await web.TCPSite(runner, settings.http_host, settings.recover_port).start()
-        running.metrics.readiness.set(True)
         log.info("recover_started", port=settings.recover_port)
+        if all(missing_settings(settings).values()):
+            log.warning("recover_not_configured", detail=none_configured_message().strip())
         while not stop.is_set():
-            sweep = asyncio.create_task(running.sweeper.sweep())
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait({sweep, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            await cancel_and_wait(stopping)
-            if not sweep.done():
-                await cancel_and_wait(sweep)
-                break
-            sweep.result()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.recover_interval)
-    return 0
+            try:
+                async with recovery(
+                    settings,
+                    clock=options.clock,
+                    policy=options.policy,
+                    wall=options.wall,
+                    metrics=metrics,
+                ) as running:
+                    metrics.readiness.set(True)
+                    await _sweep_until(stop, running, settings.recover_interval)
+            except StoreError as exc:
+                log.error("recover_store_unavailable", detail=str(exc))
+                await _stopped_within(stop, min(settings.recover_interval, 30.0))
+        return 0
+    finally:
+        metrics.readiness.shut_down()
+        await runner.cleanup()
 
 
 async def _main(settings: Settings) -> int:
@@ -327,7 +353,7 @@ def run(settings: Settings, *, once_only: bool = False) -> int:
     """``payhook recover [--once]``."""
     from service.logs import configure_logging
 
-    if all(missing_settings(settings).values()):
+    if once_only and all(missing_settings(settings).values()):
         sys.stderr.write(none_configured_message())
         return 2
     configure_logging(settings.log_format)

@@ -32,6 +32,7 @@ import yaml
 from devtools.devbroker import free_port
 from service.consume.metrics import ConsumerMetrics
 from service.ingest.metrics import IngestMetrics
+from service.recover.metrics import RecoverMetrics
 from tests.fixtures_monitoring import (
     ALERT_TESTS,
     ALERTS,
@@ -134,7 +135,9 @@ def _exposable_series(*registries: Any) -> set[str]:
 
 
 def test_every_queried_metric_is_defined_in_service_metrics() -> None:
-    defined = _exposable_series(IngestMetrics().registry, ConsumerMetrics().registry)
+    defined = _exposable_series(
+        IngestMetrics().registry, ConsumerMetrics().registry, RecoverMetrics().registry
+    )
     used = queried_metrics()
     assert used, "found no payhook_* metric in the rules or the dashboard"
     missing = {name: sorted(who) for name, who in used.items() if name not in defined}
@@ -145,7 +148,11 @@ def test_operations_readme_documents_every_metric() -> None:
     readme = README.read_text()
     families = {
         family.name + {"counter": "_total", "info": "_info"}.get(family.type, "")
-        for registry in (IngestMetrics().registry, ConsumerMetrics().registry)
+        for registry in (
+            IngestMetrics().registry,
+            ConsumerMetrics().registry,
+            RecoverMetrics().registry,
+        )
         for family in registry.collect()
     }
     assert {name for name in families if f"`{name}`" not in readme} == set()

@@ -106,6 +106,7 @@ class Stack:
     serve: Process
     consume: Process
     orders: Iterator[int]
+    recover: Process | None = None
 
     def post_bitfinex(self, body: dict[str, Any], token: str | None = None) -> int:
         order = body["orderId"]
@@ -171,6 +172,13 @@ def stack(kafka_broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -
         "PAYHOOK_CONSUMER_SESSION_TIMEOUT_MS": "6000",
         "PAYHOOK_KAFKA_IDEMPOTENCE": "false",  # Tansu has no idempotent producers
         "PAYHOOK_SHUTDOWN_TIMEOUT": "10",
+        # Recovery of CryptoSteroid: the store holds no open CryptoSteroid invoice, so a sweep
+        # asks its API nothing (nothing listens there) and succeeds.
+        "PAYHOOK_RECOVER_PORT": str(free_port()),
+        "PAYHOOK_RECOVER_INTERVAL": "1",
+        "PAYHOOK_CRYPTOSTEROID_API_URL": f"http://127.0.0.1:{free_port()}",
+        "PAYHOOK_CRYPTOSTEROID_API_KEY": "monitoring-key",
+        "PAYHOOK_CRYPTOSTEROID_MERCHANT_ID": "monitoring-merchant",
     }
     settings = load_settings(env)
     serve = _start("serve", env, serve_port, workdir)
@@ -179,6 +187,9 @@ def stack(kafka_broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -
     try:
         wait_until(serve.ready, 60, "payhook serve /readyz")
         wait_until(consume.ready, 60, "payhook consume /readyz")
+        # recover reads the store the consumer created
+        stack.recover = _start("recover", env, int(env["PAYHOOK_RECOVER_PORT"]), workdir)
+        wait_until(stack.recover.ready, 60, "payhook recover /readyz")
 
         first = stack.new_webhook()
         assert stack.post_bitfinex(first) == 200
@@ -203,12 +214,13 @@ def stack(kafka_broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -
         wait_until(consumed, 90, "the consumer to process, dedupe, dead-letter and settle")
         yield stack
     finally:
-        codes = {p.name: p.stop() for p in (serve, consume)}
-    assert codes == {"serve": 0, "consume": 0}, "both exit 0 on SIGTERM"
+        codes = {p.name: p.stop() for p in (serve, consume, stack.recover) if p is not None}
+    assert codes == {"serve": 0, "consume": 0, "recover": 0}, "all exit 0 on SIGTERM"
 
 
 def test_every_queried_metric_is_in_a_real_scrape(stack: Stack) -> None:
-    exposed = {**stack.serve.samples(), **stack.consume.samples()}
+    assert stack.recover is not None
+    exposed = {**stack.serve.samples(), **stack.consume.samples(), **stack.recover.samples()}
     used = queried_metrics()
     missing = {name: sorted(who) for name, who in used.items() if not exposed.get(name)}
     assert missing == {}, "queried by deploy/ but not exposed by a running payhook"
@@ -226,6 +238,12 @@ def test_every_queried_metric_is_in_a_real_scrape(stack: Stack) -> None:
         stack.settings.events_topic
     }
     assert value(consume, "payhook_settlements_total", state="paid") >= 1
+    recover = stack.recover.samples()
+    assert value(recover, "payhook_ready") == 1
+    assert {lbls["component"] for lbls, _ in recover["payhook_build_info"]} == {"recover"}
+    ok = {"provider": "cryptosteroid", "outcome": "ok"}
+    assert value(recover, "payhook_recover_sweeps_total", **ok) >= 1
+    assert value(recover, "payhook_recover_configured", provider="bitfinex") == 0
 
 
 def _number(result: list[dict[str, Any]]) -> float | None:
@@ -275,6 +293,8 @@ def test_alert_rules_and_dashboard_queries_run_in_real_prometheus(
     prom = prometheus_server
     prom.scrape("payhook-serve", f"127.0.0.1:{stack.serve.port}")
     prom.scrape("payhook-consume", f"127.0.0.1:{stack.consume.port}")
+    assert stack.recover is not None
+    prom.scrape("payhook-recover", f"127.0.0.1:{stack.recover.port}")
 
     def all_rules_evaluated() -> list[dict[str, Any]] | None:
         rules = [rule for group in prom.get("/api/v1/rules")["groups"] for rule in group["rules"]]

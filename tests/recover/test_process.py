@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -14,7 +15,8 @@ import pytest
 
 from devtools.devbroker import free_port
 from service.cli import main
-from service.settings import Settings
+from service.recover import process
+from service.settings import Secret, Settings
 from tests.fixtures_consume import running_consumer, wait_for
 from tests.recover.conftest import BFX_KEY, BFX_SECRET, CS_KEY, CS_MERCHANT, Serve
 from tests.recover.simulators import (
@@ -134,3 +136,45 @@ async def test_the_command_sweeps_once_then_serves_probes_until_sigterm(
             process.send_signal(signal.SIGTERM)
             _, err = await asyncio.wait_for(process.communicate(), 20)
         assert process.returncode == 0, err.decode()
+
+
+async def test_serve_waits_for_the_consumers_store_and_answers_probes_meanwhile(
+    consume_settings: Settings,
+    serve: Serve,
+    bitfinex_sim: BitfinexSimulator,
+) -> None:
+    settings = dataclasses.replace(
+        consume_settings,
+        recover_port=free_port(),
+        recover_interval=0.2,
+        bitfinex_api_url=await serve(bitfinex_sim.app()),
+        bitfinex_api_key=Secret(BFX_KEY.encode()),
+        bitfinex_api_secret=Secret(BFX_SECRET.encode()),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(process.serve(settings, stop))
+    base = f"http://127.0.0.1:{settings.recover_port}"
+    async with aiohttp.ClientSession() as http:
+
+        async def status(path: str) -> int | None:
+            try:
+                async with http.get(base + path) as r:
+                    return r.status
+            except aiohttp.ClientError:
+                return None
+
+        deadline = time.monotonic() + 20
+        while await status("/healthz") != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        # no store yet: alive, not ready, and the provider is not asked
+        assert await status("/readyz") == 503
+        assert bitfinex_sim.request_times == []
+        async with running_consumer(settings) as consumer:
+            await wait_for(lambda: consumer.ready, what="the consumer's store")
+            while await status("/readyz") != 200:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await wait_for(lambda: len(bitfinex_sim.request_times) >= 1, what="a sweep")
+    stop.set()
+    assert await asyncio.wait_for(task, 10) == 0
