@@ -57,6 +57,7 @@ bench: setup wrk
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.consume
 	$(BIN)/python -m bench.mixed
+	$(BIN)/python -m bench.recover
 
 faults: setup
 	$(BIN)/pytest -q -p no:cacheprovider faults

@@ -1,8 +1,9 @@
 """Container health check: exits 0 when this container's payhook answers GET /healthz.
 
-One image runs either `payhook serve` (PAYHOOK_HTTP_PORT) or `payhook consume`
-(PAYHOOK_CONSUMER_PORT), and only that one process listens in the container, so the check
-asks both ports and is healthy when either answers 200. Standard library only.
+One image runs `payhook serve` (PAYHOOK_HTTP_PORT), `payhook consume` (PAYHOOK_CONSUMER_PORT)
+or `payhook recover` (PAYHOOK_RECOVER_PORT), and only that one process listens in the
+container, so the check asks each port and is healthy when one answers 200. Standard library
+only.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> int:
     ports = (
         os.environ.get("PAYHOOK_HTTP_PORT", "8080"),
         os.environ.get("PAYHOOK_CONSUMER_PORT", "8081"),
+        os.environ.get("PAYHOOK_RECOVER_PORT", "8082"),
     )
     return 0 if any(healthy(port) for port in ports) else 1
 

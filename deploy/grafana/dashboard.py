@@ -278,6 +278,19 @@ def recover_panels() -> list[Timeseries | Stat]:
             "(PayhookRecoveryStale past 30 minutes).",
             query("max(time() - payhook_recover_last_success_timestamp_seconds)", "age"),
         ),
+        stat(
+            "Recovery errors",
+            "short",
+            "Windows or invoices not read whole, refused credentials and failed publishes over "
+            "the range.",
+            query("sum(increase(payhook_recover_errors_total[$__range]))", "errors"),
+        ),
+        stat(
+            "Providers swept",
+            "short",
+            "Providers whose API settings are set (a provider without them is not swept).",
+            query("sum(payhook_recover_configured)", "providers"),
+        ),
         timeseries(
             "Recovery sweeps by provider and outcome",
             "short",

@@ -258,14 +258,14 @@ def test_compose_runs_kafka_in_kraft_mode(compose: dict[str, Any]) -> None:
 def test_compose_has_one_serve_two_consumers_on_postgres(compose: dict[str, Any]) -> None:
     services = _payhook_services(compose)
     commands = sorted(s["command"][0] for s in services.values())
-    assert commands == ["consume", "consume", "serve", "topics"]
+    assert commands == ["consume", "consume", "recover", "serve", "topics"]
     for name, service in services.items():
         env = _env(service)
         assert env["PAYHOOK_KAFKA_IDEMPOTENCE"] == "true", name
         assert env["PAYHOOK_KAFKA_BOOTSTRAP"] == "kafka:9092", name
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
         assert (COMPOSE.parent / service["build"]["context"] / "deploy/Dockerfile").exists()
-        if service["command"] == ["consume"]:
+        if service["command"] in (["consume"], ["recover"]):
             assert env["PAYHOOK_STORE_URL"].startswith("postgresql://"), name
             assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
         if service["command"] == ["serve"]:
@@ -287,6 +287,11 @@ def test_compose_prometheus_scrapes_the_payhook_services(compose: dict[str, Any]
             f"{n}:{_env(s)['PAYHOOK_CONSUMER_PORT']}"
             for n, s in services.items()
             if s["command"] == ["consume"]
+        ],
+        "payhook-recover": [
+            f"{n}:{_env(s)['PAYHOOK_RECOVER_PORT']}"
+            for n, s in services.items()
+            if s["command"] == ["recover"]
         ],
     }
     assert {job: sorted(t) for job, t in targets.items()} == {
@@ -401,8 +406,12 @@ def health_server() -> Iterator[tuple[int, type[_Health]]]:
         thread.join()
 
 
-def _healthcheck(http_port: int, consumer_port: int) -> int:
-    env = {"PAYHOOK_HTTP_PORT": str(http_port), "PAYHOOK_CONSUMER_PORT": str(consumer_port)}
+def _healthcheck(http_port: int, consumer_port: int, recover_port: int | None = None) -> int:
+    env = {
+        "PAYHOOK_HTTP_PORT": str(http_port),
+        "PAYHOOK_CONSUMER_PORT": str(consumer_port),
+        "PAYHOOK_RECOVER_PORT": str(recover_port or free_port()),
+    }
     result = subprocess.run(
         [sys.executable, str(DEPLOY / "healthcheck.py")], env=env, timeout=30, check=False
     )
@@ -416,6 +425,7 @@ def test_container_healthcheck_asks_the_serve_or_the_consumer_port(
     closed = free_port()
     assert _healthcheck(port, closed) == 0, "serve answering"
     assert _healthcheck(closed, port) == 0, "consume answering"
+    assert _healthcheck(closed, closed, port) == 0, "recover answering"
     assert _healthcheck(closed, free_port()) == 1, "nothing listening"
     handler.status = 503
     assert _healthcheck(port, closed) == 1, "an answer that is not 200"
@@ -469,6 +479,7 @@ def test_manifests_have_every_required_kind(manifests: list[dict[str, Any]]) -> 
     assert kinds == sorted(
         ["Namespace", "ConfigMap", "Secret", "ServiceMonitor", "HorizontalPodAutoscaler"]
         + ["Deployment", "Service", "PodDisruptionBudget"] * 2
+        + ["Deployment", "Service"]  # recover: one replica, no disruption budget
     )
 
 
@@ -500,7 +511,7 @@ def test_validation_rejects_broken_manifests(
 
 def test_deployments_probe_resources_and_security(manifests: list[dict[str, Any]]) -> None:
     deployments = _by_kind(manifests, "Deployment")
-    assert set(deployments) == {"payhook-serve", "payhook-consume"}
+    assert set(deployments) == {"payhook-serve", "payhook-consume", "payhook-recover"}
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
@@ -523,6 +534,11 @@ def test_deployments_probe_resources_and_security(manifests: list[dict[str, Any]
     assert deployments["payhook-consume"]["spec"]["template"]["spec"]["containers"][0]["args"] == [
         "consume"
     ]
+    # one recovery per set of API keys: a single replica, the old pod gone before the new starts
+    recover = deployments["payhook-recover"]["spec"]
+    assert recover["template"]["spec"]["containers"][0]["args"] == ["recover"]
+    assert recover["replicas"] == 1
+    assert recover["strategy"]["type"] == "Recreate"
     pre_stop = serve["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     config = _by_kind(manifests, "ConfigMap")["payhook-config"]["data"]
     # the pod gets the preStop pause plus payhook's own shutdown before SIGKILL
@@ -554,6 +570,13 @@ def test_services_pdbs_and_hpa_point_at_the_deployments(manifests: list[dict[str
         # other component's pods must not match
         other = _pod_labels(manifests, "consume" if component == "serve" else "serve")
         assert not pdb["spec"]["selector"]["matchLabels"].items() <= other.items()
+    recover = _by_kind(manifests, "Service")["payhook-recover"]
+    assert recover["spec"]["selector"].items() <= _pod_labels(manifests, "recover").items()
+    for component in ("serve", "consume"):
+        pdb = _by_kind(manifests, "PodDisruptionBudget")[f"payhook-{component}"]
+        assert not pdb["spec"]["selector"]["matchLabels"].items() <= (
+            _pod_labels(manifests, "recover").items()
+        )
     (hpa,) = _by_kind(manifests, "HorizontalPodAutoscaler").values()
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "payhook-serve")
@@ -598,7 +621,7 @@ def test_servicemonitor_scrapes_both_services(manifests: list[dict[str, Any]]) -
     selected = {
         n for n, s in services.items() if selector.items() <= s["metadata"]["labels"].items()
     }
-    assert selected == {"payhook-serve", "payhook-consume"}
+    assert selected == {"payhook-serve", "payhook-consume", "payhook-recover"}
     port_names = {p["name"] for s in services.values() for p in s["spec"]["ports"]}
     endpoint_ports = {e["port"] for e in monitor["spec"]["endpoints"]}
     assert endpoint_ports == port_names
