@@ -55,10 +55,9 @@ class EventPublisher:
     async def _started(self) -> AIOKafkaProducer:
         if self._producer is not None:
             return self._producer
-        problems = await ensure_topics(self._settings)
-        failed = {topic: p for topic, p in problems.items() if p is not None}
-        if self._settings.events_topic in failed:
-            raise PublishFailed(f"topic {self._settings.events_topic}: {failed}")
+        problem = (await ensure_topics(self._settings)).get(self._settings.events_topic)
+        if problem is not None:
+            raise PublishFailed(problem)
         producer = AIOKafkaProducer(
             bootstrap_servers=self._settings.kafka_bootstrap,
             acks="all",

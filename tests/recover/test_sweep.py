@@ -14,10 +14,12 @@ import msgspec
 import pytest
 import structlog
 
+from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent, Settlement
 from service.providers import get
 from service.recover.process import Options, once
 from service.settings import Secret, Settings
+from service.store import open_store
 from tests.fixtures_consume import (
     Records,
     event_record,
@@ -326,3 +328,19 @@ async def test_a_store_never_migrated_is_reported_not_created(
     assert await once(world.settings, world.options()) == 1
     assert "start `payhook consume` first" in capsys.readouterr().err
     assert world.bitfinex.request_times == []
+
+
+async def test_a_sweep_that_cannot_publish_fails_and_the_next_one_publishes(
+    world: World, capsys: pytest.CaptureFixture[str], logs: list[MutableMapping[str, Any]]
+) -> None:
+    world.bitfinex.invoices = [bitfinex_invoice(i, now_ms() - HOUR_MS) for i in range(2)]
+    store = await open_store(world.settings.store_url)  # what consume creates
+    await store.close()
+    down = dataclasses.replace(world.settings, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    assert await once(down, world.options()) == 1
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("bitfinex: error listed=2 fetched=2 published=0 ")
+    assert "publishing 2 events failed: cannot reach Kafka" in line
+    # nothing was processed, so the next sweep (Kafka back) publishes both
+    assert await once(world.settings, world.options()) == 0
+    assert " published=2 " in capsys.readouterr().out.splitlines()[0]
