@@ -12,6 +12,8 @@ from typing import ClassVar
 class PayhookError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal"
+    # False where nobody is left to answer: the code names the outcome in logs and metrics.
+    answered: ClassVar[bool] = True
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -81,3 +83,21 @@ class Unavailable(PayhookError):
     def __init__(self, detail: str, retry_after: int = 5) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class BodyTimeout(PayhookError):
+    """The body did not arrive within ``PAYHOOK_BODY_TIMEOUT``: the connection is closed
+    without an answer."""
+
+    status = 408
+    code = "body_timeout"
+    answered = False
+
+
+class ClientGone(PayhookError):
+    """The client closed the connection before its body arrived: there is nobody to answer
+    (499, as proxies log it)."""
+
+    status = 499
+    code = "client_gone"
+    answered = False

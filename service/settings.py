@@ -69,6 +69,9 @@ class Settings:
     # Beyond the documented contract: operational knobs with safe defaults.
     kafka_idempotence: bool = False
     publish_timeout: float = 2.0
+    # A request body must arrive within it (from the request's headers), else the connection
+    # is closed: a slow client cannot hold a connection and a handler open.
+    body_timeout: float = 10.0
     spool_max_bytes: int = 256 * 1024 * 1024
     shutdown_timeout: float = 15.0
     consumer_group: str = "payhook-consumer"
@@ -262,6 +265,7 @@ def load_settings(
         log_format=log_format,
         kafka_idempotence=_bool(env, "PAYHOOK_KAFKA_IDEMPOTENCE", False),
         publish_timeout=_float(env, "PAYHOOK_PUBLISH_TIMEOUT", 2.0),
+        body_timeout=_float(env, "PAYHOOK_BODY_TIMEOUT", 10.0),
         spool_max_bytes=_int(env, "PAYHOOK_SPOOL_MAX_BYTES", 256 * 1024 * 1024, minimum=1),
         shutdown_timeout=_float(env, "PAYHOOK_SHUTDOWN_TIMEOUT", 15.0),
         consumer_group=env.get("PAYHOOK_CONSUMER_GROUP") or "payhook-consumer",

@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from devtools.devbroker import free_port
 from service.ingest.app import create_app
 from service.ingest.secrets import mint_secret
+from service.ingest.server import IngestRunner
 from service.providers.cryptopos import signature as cryptopos_signature
 from service.settings import Settings
 from tests.fixtures_kafka import SettingsFactory
@@ -146,15 +148,25 @@ def token_for(settings: Settings, provider: str, order_id: str) -> str:
 ClientFactory = Callable[[Settings], Awaitable[TestClient[Any, Any]]]
 
 
+class IngestTestServer(TestServer):
+    """aiohttp's TestServer on 127.0.0.1 with the runner ``payhook serve`` uses, configured
+    as serve configures it (TestServer cancels a handler whose client left; serve does not)."""
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__(app, host="127.0.0.1")
+
+    async def _make_runner(self, **kwargs: Any) -> IngestRunner:
+        kwargs["handler_cancellation"] = False
+        return IngestRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def app_client() -> AsyncIterator[ClientFactory]:
     """Starts the app for given settings on 127.0.0.1 and a free port; closes it after."""
     clients: list[TestClient[Any, Any]] = []
 
     async def make(settings: Settings) -> TestClient[Any, Any]:
-        client: TestClient[Any, Any] = TestClient(
-            TestServer(create_app(settings), host="127.0.0.1")
-        )
+        client: TestClient[Any, Any] = TestClient(IngestTestServer(create_app(settings)))
         await client.start_server()
         clients.append(client)
         return client

@@ -21,7 +21,7 @@ from typing import Final, final
 
 import orjson
 import structlog
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from schemas.events import InvoiceEvent
 from service import errors
@@ -87,26 +87,47 @@ def _require(request: web.Request, *methods: str) -> None:
         )
 
 
-async def _read_body(request: web.Request) -> bytes:
-    """The body, read no further than the limit (413), then its media type checked (415)."""
-    limit = request.app[SETTINGS].max_body_bytes
+def _check_headers(request: web.Request, limit: int) -> None:
+    """What the headers alone refuse, before any secret is checked: a declared length past the
+    limit (413), then a media type other than JSON (415)."""
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
-    stream = request.content
-    body = await stream.readany()
-    if not stream.is_eof():  # more than one piece arrived (chunked, or a slow client)
-        buffer = bytearray(body)
-        while chunk := await stream.readany():
-            buffer += chunk
-            if len(buffer) > limit:
-                raise _too_large(limit)
-        body = bytes(buffer)
-    elif len(body) > limit:
-        raise _too_large(limit)
     if request.headers.get("Content-Type") != _JSON and request.content_type != _JSON:
         raise errors.UnsupportedMediaType("the body must be application/json")
+
+
+async def _read_body(request: web.Request, settings: Settings) -> bytes:
+    """The body, read no further than the limit (413) and within ``body_timeout``: past it
+    the connection is closed unanswered. A body that came whole with the headers (nearly
+    every webhook) is taken as it is, without a timer."""
+    limit = settings.max_body_bytes
+    stream = request.content
+    if stream.is_eof():
+        body = stream.read_nowait()
+    else:  # chunked, or a body still arriving
+        try:
+            async with asyncio.timeout(settings.body_timeout):
+                body = await _read_rest(stream, limit)
+        except TimeoutError:
+            request.protocol.force_close()
+            raise errors.BodyTimeout(
+                f"the body did not arrive within {settings.body_timeout:g} s"
+            ) from None
+        except ConnectionError:  # the client hung up (aiohttp sets ConnectionResetError)
+            raise errors.ClientGone("the client closed the connection") from None
+    if len(body) > limit:
+        raise _too_large(limit)
     return body
+
+
+async def _read_rest(stream: StreamReader, limit: int) -> bytes:
+    buffer = bytearray()
+    while chunk := await stream.readany():
+        buffer += chunk
+        if len(buffer) > limit:
+            raise _too_large(limit)
+    return bytes(buffer)
 
 
 def _too_large(limit: int) -> errors.PayloadTooLarge:
@@ -137,12 +158,15 @@ async def per_order_webhook(request: web.Request) -> web.Response:
             raise errors.NotFound(f"{name} posts to {WEBHOOK_PREFIX}{name}")
         raise errors.UnknownProvider("no such provider")
     _require(request, "POST")
-    body = await _read_body(request)
+    settings = request.app[SETTINGS]
+    _check_headers(request, settings.max_body_bytes)
+    # The secret is in the URL or a header: checked before a byte of the body is awaited, so
+    # an unauthenticated client can neither stall a handler nor have its body read.
     order_id = request.match_info["order_id"]
     presented = request.headers.get("Token") or request.query.get("token")
-    keys = request.app[SETTINGS].signing_keys
-    if not presented or not verify_secret(keys, name, order_id, presented):
+    if not presented or not verify_secret(settings.signing_keys, name, order_id, presented):
         raise _refuse(request)
+    body = await _read_body(request, settings)
     notification = provider.decode(body)
     if provider.order_id_of(notification) != order_id:
         raise errors.OrderMismatch(
@@ -159,12 +183,20 @@ async def merchant_webhook(request: web.Request) -> web.Response:
         if name in PROVIDERS:
             raise errors.NotFound(f"{name} webhooks carry the order id in the path")
         raise errors.UnknownProvider("no such provider")
-    secret = provider.merchant_secret(request.app[SETTINGS])
+    settings = request.app[SETTINGS]
+    secret = provider.merchant_secret(settings)
     if secret is None:
         raise errors.UnknownProvider(f"{provider.title} is not configured")
     _require(request, "POST")
-    body = await _read_body(request)
-    data = provider.authenticate(body, secret)
+    _check_headers(request, settings.max_body_bytes)
+    body = await _read_body(request, settings)
+    try:
+        data = provider.authenticate(body, secret)
+    except errors.InvalidJson:
+        # Not JSON, so not authenticated either: it spends the source's failure budget, and
+        # is still answered 400 (a body that is not JSON comes before 401/429).
+        request.app[LIMITER].fail(request.remote or "")
+        raise
     if data is None:
         raise _refuse(request)
     notification = provider.decode(data)
@@ -215,7 +247,13 @@ class RequestIds:
         incoming = request.headers.get("X-Request-Id")
         if incoming and _REQUEST_ID.fullmatch(incoming):
             return incoming
+        return self.new()
+
+    def new(self) -> str:
         return f"{self._prefix}-{self._next()}"
+
+
+REQUEST_IDS: Final = web.AppKey("request_ids", RequestIds)
 
 
 RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -277,6 +315,36 @@ async def not_found(request: web.Request) -> web.Response:
     raise errors.NotFound("no such route")
 
 
+def unparsed_answer(app: web.Application, status: int, exc: BaseException | None) -> web.Response:
+    """The answer to what never reached a route: a request aiohttp could not parse (its own
+    answer would echo the request line, ``?token=`` included, as plain text), or a failure
+    outside every handler. Our JSON, a request id, a log line and a metric, like any other
+    answer; nothing of the request is repeated."""
+    request_id = app[REQUEST_IDS].new()
+    bind_request(request_id)
+    if status < 500:
+        error, detail = "bad_request", "the request is not valid HTTP"
+        # Only the parser error's name: its message quotes the raw bytes.
+        log.warning("bad_http_request", error=type(exc).__name__, status=status)
+    else:
+        error, detail = "internal", "internal error"
+        log.error("unhandled_error", exc_info=exc)
+    app[METRICS].webhooks.labels("unknown", error).observe(0.0)
+    access.request(
+        {
+            "method": None,
+            "path": None,
+            "status": status,
+            "error": error,
+            "provider": None,
+            "duration_ms": 0.0,
+        }
+    )
+    response = _json(status, {"error": error, "detail": detail})
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
 # --- the application --------------------------------------------------------------------------
 
 
@@ -333,11 +401,12 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_on_shutdown)
     # Every method reaches the handler, which answers 405 in our format itself.
     route = app.router.add_route
-    ids = RequestIds()
+    ids = app[REQUEST_IDS] = RequestIds()
     route("*", "/v1/webhooks/{provider}/{order_id}", observed(per_order_webhook, ids, webhook=True))
     route("*", "/v1/webhooks/{provider}", observed(merchant_webhook, ids, webhook=True))
     route("*", "/healthz", observed(healthz, ids))
     route("*", "/readyz", observed(readyz, ids))
     route("*", "/metrics", observed(metrics_handler, ids))
-    route("*", "/{path:.*}", observed(not_found, ids))
+    # [\s\S], not ".": a path with an encoded line break (/%0A) is a path like any other.
+    route("*", "/{path:[\\s\\S]*}", observed(not_found, ids))
     return app

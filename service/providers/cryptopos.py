@@ -93,6 +93,10 @@ def split(body: bytes) -> tuple[str | None, bytes]:
             signature = _STR.decode(envelope.signature)
         except msgspec.ValidationError:
             signature = None
+        except msgspec.DecodeError:
+            # The raw envelope is not checked for UTF-8 (``"\xff"``): a body that is not
+            # UTF-8 JSON, whatever its signature.
+            raise InvalidJson("the body is not valid UTF-8 JSON") from None
     return signature, bytes(envelope.data)
 
 
