@@ -193,6 +193,7 @@ def run_schemathesis(serve: Serve, seconds: int, work: Path) -> tuple[bool, str]
         # run from the work dir (schemathesis writes its cache there): the hooks from here
         "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
         "FUZZ_SIGNING_KEYS": serve.env["PAYHOOK_SIGNING_KEYS"],
+        "FUZZ_CRYPTOPOS_SECRET": serve.env["PAYHOOK_CRYPTOPOS_SECRET"],
     }
     command = [
         str(Path(sys.executable).with_name("schemathesis")),
