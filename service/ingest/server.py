@@ -116,6 +116,9 @@ async def _run(app: web.Application, settings: Settings) -> None:
         shutdown_timeout=settings.shutdown_timeout,
         # observed() writes the access line, without the query string (Bitfinex's token).
         access_log=None,
+        # The rest of a body refused before it was read (401, 413) is read and dropped, so the
+        # client gets its answer and a clean close: for as long as a body may take at all.
+        lingering_time=settings.body_timeout,
     )
     await runner.setup()
     try:
