@@ -12,13 +12,13 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, TypeVar
 
-import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.producer.message_accumulator import BatchBuilder
 from murmurhash2 import murmurhash2
 
+from schemas.amounts import PlainEncoder
 from schemas.events import InvoiceEvent
 from service.settings import Settings
 
@@ -26,7 +26,8 @@ from service.settings import Settings
 TOPIC_PARTITIONS: Final = 4
 _TOPIC_ALREADY_EXISTS: Final = 36
 
-_ENCODER: Final = msgspec.json.Encoder()
+# Amounts in plain notation (``1E-8`` written ``0.00000001``).
+_ENCODER: Final = PlainEncoder()
 # Kafka's murmur2 is MurmurHash2 with this seed (org.apache.kafka.common.utils.Utils.murmur2).
 _MURMUR2_SEED: Final = 0x9747B28C
 

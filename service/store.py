@@ -33,6 +33,7 @@ from typing import Any, Final, Protocol, TypeVar, final
 import asyncpg
 import msgspec
 
+from schemas.amounts import PlainEncoder
 from schemas.events import Settlement
 from service.consume.reconcile import InvoiceState
 
@@ -56,7 +57,7 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     ),
 }
 
-_encoder: Final = msgspec.json.Encoder()
+_encoder: Final = PlainEncoder()  # amounts in plain notation, as on the topics
 _state_decoder: Final = msgspec.json.Decoder(InvoiceState)
 
 # Failures that may pass (a database restarting, a lock held too long): retry the batch.

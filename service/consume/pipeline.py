@@ -28,6 +28,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError
 
+from schemas.amounts import PlainEncoder
 from schemas.events import InvoiceEvent
 from service.consume.metrics import ConsumerMetrics
 from service.consume.reconcile import (
@@ -45,7 +46,7 @@ from service.store import Published, Store, Writes
 log = structlog.get_logger("payhook.consume")
 
 _decoder: Final = msgspec.json.Decoder(InvoiceEvent)
-_encoder: Final = msgspec.json.Encoder()
+_encoder: Final = PlainEncoder()  # amounts in plain notation
 # How often an idle consumer checks that the broker still answers (the supervisor's probe).
 _PROBE_SECONDS: Final = 1.0
 _DLQ_ERROR_MAX: Final = 500  # header bytes: msgspec's message names the field, that is enough
