@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import msgspec
 
+from schemas.amounts import PROVIDER_DECIMAL
 from schemas.generate import Node, replace_decimals
 from schemas.http import Accepted, Error, Probe
 from schemas.providers import (
@@ -22,9 +23,6 @@ from schemas.providers import (
 
 VERSION: Final = "0.1.0"
 
-# What a provider may send as an amount: a JSON number, or a string holding one in ASCII
-# decimal syntax (an exponent allowed; ingest writes it out in plain notation).
-PROVIDER_DECIMAL: Final = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$"
 
 _REF: Final = "#/components/schemas/{name}"
 

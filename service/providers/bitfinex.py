@@ -29,7 +29,8 @@ import hmac
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
+from decimal import Decimal
 from typing import Any, Final, Literal, final
 
 import aiohttp
@@ -37,7 +38,7 @@ import msgspec
 
 from schemas.events import InvoiceEvent, InvoiceStatus, Origin, Payment
 from schemas.providers import BitfinexInvoiceEntry, BitfinexPayment, BitfinexWebhook
-from service.errors import InvalidPayload, PayhookError
+from service.errors import PayhookError
 from service.providers.api import (
     ApiError,
     Clock,
@@ -54,10 +55,13 @@ from service.providers.normalize import (
     EPOCH,
     amount,
     decode_with,
+    distinct,
     finish,
+    latest_time,
     parse_time,
     required_amount,
     status_of,
+    time_from_ms,
 )
 from service.settings import Secret
 
@@ -82,22 +86,24 @@ def _bitfinex_payments(
         yield f"$.payment.additionalPayments[{i}]", extra
 
 
-def _draft(hook: BitfinexWebhook) -> InvoiceEvent:
+def _draft(hook: BitfinexWebhook, until: datetime) -> InvoiceEvent:
     status = status_of(BITFINEX_STATUS, hook.status, "$.status")
+    # ``t`` (the invoice's creation) is a provider time even when a payment's time is used.
+    created_t = time_from_ms(hook.t, until, "$.t")
     payments: list[Payment] = []
     latest: datetime | None = None
     for path, p in _bitfinex_payments(hook):
-        created = parse_time(p.created_at, path, ".created_at") if p.created_at else None
+        created = parse_time(p.created_at, until, path, ".created_at") if p.created_at else None
         if not p.updated_at:
             updated = None
         elif p.updated_at == p.created_at:  # the usual case: parsed once
             updated = created
         else:
-            updated = parse_time(p.updated_at, path, ".updated_at")
+            updated = parse_time(p.updated_at, until, path, ".updated_at")
         payments.append(
             Payment(
                 txid=p.txid,
-                amount=amount(p.amount, path, ".amount"),
+                amount=required_amount(p.amount, path, ".amount"),
                 currency=p.currency,
                 method=p.method,
                 confirmations=p.confirmations,
@@ -110,26 +116,27 @@ def _draft(hook: BitfinexWebhook) -> InvoiceEvent:
         if moment is not None and (latest is None or moment > latest):
             latest = moment
     if latest is None:
-        try:
-            latest = EPOCH + timedelta(milliseconds=hook.t)
-        except OverflowError:
-            raise InvalidPayload("Timestamp out of range - at `$.t`") from None
+        latest = created_t
 
+    # Every entry's amount is due in its currency: each is checked, one is expected.
+    due = [
+        required_amount(e.amount, "$.invoices[", i, "].amount") for i, e in enumerate(hook.invoices)
+    ]
     entry: BitfinexInvoiceEntry | None = None
-    entry_index = 0
+    expected: Decimal | None = None
     pay_currency: str | None = None
     if hook.payment is not None:
         pay_currency = hook.payment.currency
-        for i, candidate in enumerate(hook.invoices):
+        for candidate, candidate_due in zip(hook.invoices, due, strict=True):
             if candidate.payCurrency == pay_currency:
-                entry, entry_index = candidate, i
+                entry, expected = candidate, candidate_due
                 break
         else:
             # A COMPLETED webhook lists only the paid entry.
             if len(hook.invoices) == 1 and status == "completed":
-                entry = hook.invoices[0]
+                entry, expected = hook.invoices[0], due[0]
     elif len(hook.invoices) == 1:
-        entry = hook.invoices[0]
+        entry, expected = hook.invoices[0], due[0]
         pay_currency = entry.payCurrency
     return InvoiceEvent(
         event_id="",
@@ -142,11 +149,10 @@ def _draft(hook: BitfinexWebhook) -> InvoiceEvent:
         amount=required_amount(hook.amount, "$.amount"),
         currency=hook.currency,
         pay_currency=pay_currency,
-        expected_pay_amount=amount(entry.amount, "$.invoices[", entry_index, "].amount")
-        if entry is not None
-        else None,
-        payments=tuple(payments),
-        amount_diff=amount(hook.payment.amountDiff, "$.payment.amountDiff")
+        expected_pay_amount=expected,
+        # ``payment`` repeated inside ``additionalPayments`` is one payment.
+        payments=distinct(payments) if len(payments) > 1 else tuple(payments),
+        amount_diff=amount(hook.payment.amountDiff, "$.payment.amountDiff", signed=True)
         if hook.payment is not None
         else None,
         paid_total=None,
@@ -172,7 +178,7 @@ class Bitfinex:
     def normalize(
         self, notification: BitfinexWebhook, received_at: datetime, origin: Origin = "webhook"
     ) -> InvoiceEvent:
-        return finish(_draft(notification), received_at, origin)
+        return finish(_draft(notification, latest_time(received_at)), received_at, origin)
 
 
 BITFINEX: Final = Bitfinex()

@@ -44,7 +44,9 @@ from service.providers.normalize import (
     TOO_DEEP,
     amount,
     decode_with,
+    distinct,
     finish,
+    latest_time,
     parse_time,
     required_amount,
 )
@@ -101,7 +103,7 @@ def split(body: bytes) -> tuple[str | None, bytes]:
 
 
 def _cryptopos_payment(
-    tx: CryptoPosTransaction, default_currency: str | None, path: str
+    tx: CryptoPosTransaction, default_currency: str | None, path: str, until: datetime
 ) -> Payment:
     currency = tx.currency or default_currency
     if currency is None:
@@ -111,18 +113,23 @@ def _cryptopos_payment(
         amount=amount(tx.amount, path, ".amount"),
         currency=currency,
         method=tx.network,
-        created_at=parse_time(tx.timestamp, path, ".timestamp") if tx.timestamp else None,
+        created_at=parse_time(tx.timestamp, until, path, ".timestamp") if tx.timestamp else None,
         crypto_amount=amount(tx.cryptoAmount, path, ".cryptoAmount"),
     )
 
 
-def _draft(data: CryptoPosInvoice) -> InvoiceEvent:
+def _draft(data: CryptoPosInvoice, until: datetime) -> InvoiceEvent:
     payments = tuple(
-        _cryptopos_payment(tx, data.currency, f"$.data.transactions[{i}]")
+        _cryptopos_payment(tx, data.currency, f"$.data.transactions[{i}]", until)
         for i, tx in enumerate(data.transactions)
     )
+    if len(payments) > 1:
+        payments = distinct(payments)
+    amount(data.subTotal, "$.data.subTotal")  # not published, checked all the same
+    created = parse_time(data.createdAt, until, "$.data.createdAt")
     stamps = [p.created_at for p in payments if p.created_at is not None]
-    occurred = max(stamps) if stamps else parse_time(data.createdAt, "$.data.createdAt")
+    occurred = max(stamps) if stamps else created
+    total = required_amount(data.total, "$.data.total")
     return InvoiceEvent(
         event_id="",
         received_at=EPOCH,
@@ -131,13 +138,13 @@ def _draft(data: CryptoPosInvoice) -> InvoiceEvent:
         order_id=data.client.referenceID if data.client else None,
         status="completed" if data.completed else "pending",
         provider_status="completed" if data.completed else "partial",
-        amount=required_amount(data.total, "$.data.total"),
+        amount=total,
         currency="USD",
         pay_currency="USD",
-        expected_pay_amount=data.total,
+        expected_pay_amount=total,
         payments=payments,
         amount_diff=None,
-        paid_total=amount(data.paidAmount, "$.data.paidAmount"),
+        paid_total=required_amount(data.paidAmount, "$.data.paidAmount"),
         occurred_at=occurred,
     )
 
@@ -172,7 +179,7 @@ class CryptoPos:
     def normalize(
         self, notification: CryptoPosInvoice, received_at: datetime, origin: Origin = "webhook"
     ) -> InvoiceEvent:
-        return finish(_draft(notification), received_at, origin)
+        return finish(_draft(notification, latest_time(received_at)), received_at, origin)
 
 
 CRYPTOPOS: Final = CryptoPos()

@@ -44,6 +44,7 @@ from service.providers.normalize import (
     amount,
     decode_with,
     finish,
+    latest_time,
     parse_time,
     required_amount,
     status_of,
@@ -61,21 +62,25 @@ CRYPTOSTEROID_STATUS: Final[dict[str, InvoiceStatus]] = {
 _DECODER: Final = msgspec.json.Decoder(CryptoSteroidInvoice)
 
 
-def _draft(invoice: CryptoSteroidInvoice) -> InvoiceEvent:
+def _draft(invoice: CryptoSteroidInvoice, until: datetime) -> InvoiceEvent:
     status = status_of(CRYPTOSTEROID_STATUS, invoice.status, "$.status")
+    occurred = parse_time(invoice.createdAt, until, "$.createdAt")
     if invoice.updatedAt:
-        occurred = parse_time(invoice.updatedAt, "$.updatedAt")
-    else:
-        occurred = parse_time(invoice.createdAt, "$.createdAt")
+        occurred = parse_time(invoice.updatedAt, until, "$.updatedAt")
     pay = invoice.payment
     payments: tuple[Payment, ...] = ()
     paid_total: Decimal | None = None
+    if pay is not None:
+        # Not published, but a provider amount all the same: checked like the others.
+        amount(pay.net, "$.payment.net")
+        amount(pay.fee, "$.payment.fee")
     if pay is not None and pay.paid is not None:
-        paid_total = amount(pay.paid.received, "$.payment.paid.received")
-        # A hash's own amount is not stated; only the running total is.
+        paid_total = required_amount(pay.paid.received, "$.payment.paid.received")
+        amount(pay.paid.fiat, "$.payment.paid.fiat")
+        # A hash's own amount is not stated; only the running total is. Each hash once.
         payments = tuple(
             Payment(txid=h, amount=None, currency=pay.method, method=pay.method)
-            for h in pay.paid.hash
+            for h in dict.fromkeys(pay.paid.hash)
         )
     return InvoiceEvent(
         event_id="",
@@ -88,7 +93,9 @@ def _draft(invoice: CryptoSteroidInvoice) -> InvoiceEvent:
         amount=required_amount(invoice.fiatAmount, "$.fiatAmount"),
         currency=invoice.fiatCurrency,
         pay_currency=pay.method if pay is not None else None,
-        expected_pay_amount=amount(pay.amount, "$.payment.amount") if pay is not None else None,
+        expected_pay_amount=required_amount(pay.amount, "$.payment.amount")
+        if pay is not None
+        else None,
         payments=payments,
         amount_diff=None,
         paid_total=paid_total,
@@ -116,7 +123,7 @@ class CryptoSteroid:
     def normalize(
         self, notification: CryptoSteroidInvoice, received_at: datetime, origin: Origin = "webhook"
     ) -> InvoiceEvent:
-        return finish(_draft(notification), received_at, origin)
+        return finish(_draft(notification, latest_time(received_at)), received_at, origin)
 
 
 CRYPTOSTEROID: Final = CryptoSteroid()

@@ -9,24 +9,33 @@ or :class:`errors.InvalidPayload`.
 from __future__ import annotations
 
 import hashlib
+import re
 import typing
-from datetime import UTC, datetime
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Final, TypeVar
 
 import msgspec
 import orjson
 
+from schemas.amounts import PROVIDER_DECIMAL
 from schemas.events import InvoiceEvent, InvoiceStatus, Origin, Payment
 from service.errors import InvalidJson, InvalidPayload
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-# Amounts beyond these bounds are not money; refusing them also keeps arithmetic downstream
-# from being handed a 10**999999 to expand.
-_MAX_DIGITS: Final = 40
-_MAX_EXPONENT: Final = 40
+LAST_TIME: Final = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+# A provider time further ahead of its arrival is refused: it would pin a running total.
+FUTURE_SLACK: Final = timedelta(hours=24)
+_MILLISECOND: Final = timedelta(milliseconds=1)
+# Amounts beyond these bounds are not money (DESIGN.md, Events); refusing them also keeps
+# arithmetic downstream from being handed a 10**999999 to expand.
+MAX_DIGITS: Final = 60
+MAX_EXPONENT: Final = 60
+_DECIMAL_TEXT: Final = re.compile(PROVIDER_DECIMAL.removeprefix("^").removesuffix("$"))
 
 _ANY: Final = msgspec.json.Decoder()
+_STR: Final = msgspec.json.Decoder(str)
 # msgspec refuses nesting deeper than the interpreter's recursion limit with RecursionError.
 TOO_DEEP: Final = "JSON is nested too deeply"
 
@@ -120,35 +129,103 @@ def _path(parts: tuple[object, ...]) -> str:
     return "".join(map(str, parts))
 
 
-def amount(value: Decimal | None, *path: object) -> Decimal | None:
-    """The amount, when it is a finite decimal of sane size. ``path`` names the field, in
-    pieces joined only for an error message: this runs for every amount of every request."""
-    if value is None:
+def _refuse(message: str, path: tuple[object, ...]) -> InvalidPayload:
+    return InvalidPayload(f"{message} - at `{_path(path)}`")
+
+
+def _amount_text(raw: msgspec.Raw, path: tuple[object, ...]) -> str | None:
+    """The decimal text of a raw JSON amount (None for null or absent), in ASCII decimal
+    syntax. ``Decimal()`` alone would read other scripts' digits, ``_`` and blanks."""
+    data = bytes(raw)
+    if not data or data == b"null":
         return None
-    if not value.is_finite():
-        raise InvalidPayload(f"Expected a finite decimal, got `{value}` - at `{_path(path)}`")
-    _, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int)
-    if len(digits) > _MAX_DIGITS or not -_MAX_EXPONENT <= exponent <= _MAX_EXPONENT:
-        raise InvalidPayload(f"Decimal out of range - at `{_path(path)}`")
+    first = data[0]
+    if first == 0x22:  # '"': a string, unescaped by msgspec only when it holds an escape
+        text = _STR.decode(data) if b"\\" in data else data[1:-1].decode()
+        if _DECIMAL_TEXT.fullmatch(text) is None:
+            raise _refuse(f"Expected a decimal in ASCII digits, got {text[:32]!r}", path)
+        return text
+    if first == 0x2D or 0x30 <= first <= 0x39:  # '-' or a digit: a JSON number, ASCII already
+        return data.decode()
+    raise _refuse("Expected a decimal number or string", path)
+
+
+def _checked(raw: msgspec.Raw, signed: bool, path: tuple[object, ...]) -> Decimal | None:
+    text = _amount_text(raw, path)
+    if text is None:
+        return None
+    value = Decimal(text)
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # the syntax admits no NaN or infinity
+    if len(digits) > MAX_DIGITS or not -MAX_EXPONENT <= exponent <= MAX_EXPONENT:
+        raise _refuse(
+            f"Decimal out of range (at most {MAX_DIGITS} digits, exponent within +-{MAX_EXPONENT})",
+            path,
+        )
+    if sign and not signed:
+        raise _refuse(f"Expected a decimal >= 0, got {text[:32]!r}", path)
     return value
 
 
-def required_amount(value: Decimal, *path: object) -> Decimal:
-    amount(value, *path)
+def amount(raw: msgspec.Raw, *path: object, signed: bool = False) -> Decimal | None:
+    """The provider's amount (None when null or absent): ASCII decimal syntax, at most
+    :data:`MAX_DIGITS` significant digits, an exponent within +-:data:`MAX_EXPONENT`, and not
+    negative (negative zero included) unless ``signed`` (``amountDiff``). ``path`` names the
+    field, in pieces joined only for an error message: this runs for every amount of every
+    request."""
+    return _checked(raw, signed, path)
+
+
+def required_amount(raw: msgspec.Raw, *path: object) -> Decimal:
+    value = _checked(raw, False, path)
+    if value is None:
+        raise _refuse("Expected a decimal, got null", path)
     return value
 
 
-def parse_time(text: str, *path: object) -> datetime:
-    """An ISO 8601 / RFC 3339 time; one without an offset is UTC (Bitfinex's
-    ``YYYY-MM-DD hh:mm:ss`` is UTC). ``path`` as for :func:`_amount`."""
+def latest_time(received_at: datetime) -> datetime:
+    """The latest provider time accepted for a notification received at ``received_at``."""
+    return min(received_at + FUTURE_SLACK, LAST_TIME)
+
+
+def parse_time(text: str, latest: datetime, *path: object) -> datetime:
+    """An ISO 8601 / RFC 3339 time in UTC, one without an offset taken as UTC (Bitfinex's
+    ``YYYY-MM-DD hh:mm:ss`` is UTC), within 1970 .. ``latest``. ``path`` as for
+    :func:`amount`."""
     try:
         value = datetime.fromisoformat(text)
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except ValueError:
-        raise InvalidPayload(f"Invalid time {text[:64]!r} - at `{_path(path)}`") from None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+        raise _refuse(f"Invalid time {text[:64]!r}", path) from None
+    except OverflowError:
+        raise _refuse(f"Time out of range {text[:64]!r}", path) from None
+    if not EPOCH <= value <= latest:
+        raise _refuse(f"Time out of range {text[:64]!r}", path)
+    return value
+
+
+def time_from_ms(ms: int, latest: datetime, *path: object) -> datetime:
+    """Milliseconds since the epoch (Bitfinex ``t``), within 1970 .. ``latest``."""
+    if not 0 <= ms <= (latest - EPOCH) // _MILLISECOND:
+        raise _refuse(f"Timestamp out of range {ms}", path)
+    return EPOCH + timedelta(milliseconds=ms)
+
+
+def distinct(payments: Iterable[Payment]) -> tuple[Payment, ...]:
+    """Each (currency, txid) once, where the first copy stood: the copy with the most
+    confirmations, then the latest ``updated_at``; the first of equal copies."""
+    kept: dict[tuple[str, str], Payment] = {}
+    for payment in payments:
+        ident = (payment.currency, payment.txid)
+        held = kept.get(ident)
+        if held is None or _copy_rank(payment) > _copy_rank(held):
+            kept[ident] = payment
+    return tuple(kept.values())
+
+
+def _copy_rank(payment: Payment) -> tuple[int, datetime]:
+    confirmations = -1 if payment.confirmations is None else payment.confirmations
+    return (confirmations, payment.updated_at or EPOCH)
 
 
 def status_of(table: dict[str, InvoiceStatus], status: str, path: str) -> InvoiceStatus:

@@ -28,7 +28,7 @@ from tests.fixtures_app import (
     encode,
 )
 
-NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+NOW = datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
 
 
 def bfx(body: dict[str, Any] | bytes, at: datetime = NOW) -> InvoiceEvent:
@@ -239,7 +239,7 @@ def test_order_id_of_each_provider() -> None:
     assert CRYPTOSTEROID.order_id_of(CRYPTOSTEROID.decode(body)) is None
 
 
-@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e999999999", "1" * 60])
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e999999999", "1" * 61])
 def test_amounts_must_be_finite_and_sane(bad: str) -> None:
     with pytest.raises(InvalidPayload, match=r"`\$\.fiatAmount`"):
         cs(cryptosteroid(fiatAmount=bad))

@@ -26,7 +26,7 @@ def test_each_provider_is_registered_under_its_name_and_says_how_it_authenticate
 
 
 def test_each_provider_normalizes_into_events_that_carry_its_name() -> None:
-    at = datetime(2024, 6, 1, tzinfo=UTC)
+    at = datetime(2024, 10, 1, tzinfo=UTC)
     _, pos_data = providers.cryptopos.split(cryptopos_body(cryptopos_data()))
     bodies = {
         "bitfinex": SEED_003,
