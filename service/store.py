@@ -14,7 +14,10 @@ One small interface (:class:`Store`), two implementations:
 Each batch is one transaction: it drops outbox entries already published, loads the states of
 the batch's invoices, lets the caller's pure update function compute the new states and
 settlements, and writes both states and the outbox of settlement versions still to publish.
-The schema is created or migrated at start-up.
+The schema is created or migrated at start-up (``payhook_schema`` holds its version; a store of
+an older release is migrated in place, never recreated). Every settlement version is kept
+(``settlements``, for ``payhook settlement --history``) and each invoice's order id is indexed
+(for ``--order``).
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ import msgspec
 
 from schemas.amounts import PlainEncoder
 from schemas.events import Settlement
-from service.consume.reconcile import InvoiceState
+from service.consume.reconcile import InvoiceState, invoice_key
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 # One schema for both databases; only the binary column type is spelt differently.
 _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
@@ -54,6 +57,18 @@ _MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             key TEXT PRIMARY KEY,
             version INTEGER NOT NULL
         )""",
+    ),
+    # Every settlement version (the exact JSON published) and each invoice's order id, indexed.
+    # Invoices stored by version 1 get theirs, and their current settlement, from their state.
+    2: (
+        """CREATE TABLE IF NOT EXISTS settlements (
+            key TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            data {blob} NOT NULL,
+            PRIMARY KEY (key, version)
+        )""",
+        "ALTER TABLE invoices ADD COLUMN order_id TEXT",
+        "CREATE INDEX IF NOT EXISTS invoices_order_id ON invoices (order_id)",
     ),
 }
 
@@ -78,10 +93,12 @@ Published = tuple[str, int]
 
 @dataclass(slots=True)
 class Writes:
-    """What one batch transaction writes: changed states, and settlements to publish."""
+    """What one batch transaction writes: changed states, settlements to publish, and every
+    new settlement version (``history``; the outbox's are kept even when it is left empty)."""
 
     states: dict[str, InvoiceState] = field(default_factory=dict)
     outbox: dict[str, Settlement] = field(default_factory=dict)
+    history: list[Settlement] = field(default_factory=list)
 
 
 W = TypeVar("W", bound=Writes)
@@ -118,6 +135,14 @@ class StoreError(RuntimeError):
     """The store cannot be opened (bad URL, locked by another consumer)."""
 
 
+def _check_not_newer(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the store's schema is version {version}, newer than this release's "
+            f"{SCHEMA_VERSION}: run the release that wrote it"
+        )
+
+
 async def open_store(url: str) -> Store:
     """Opens the store named by ``PAYHOOK_STORE_URL`` and creates or migrates its schema."""
     if url.startswith("sqlite:///"):
@@ -136,16 +161,43 @@ def _outbox_item(key: str, version: int, data: bytes) -> OutboxItem:
     return OutboxItem(key, version, _encoder.encode(settlement))
 
 
-def _state_rows(writes: Writes) -> list[tuple[str, int, str, bytes]]:
+def _state_rows(writes: Writes) -> list[tuple[str, int, str, bytes, str | None]]:
     return [
-        (k, st.settlement.version, st.settlement.state, _encoder.encode(st))
+        (k, st.settlement.version, st.settlement.state, _encoder.encode(st), st.settlement.order_id)
         for k, st in writes.states.items()
     ]
+
+
+def _history_rows(writes: Writes) -> list[tuple[str, int, bytes]]:
+    """(key, version, settlement JSON as published) of every new version, each once."""
+    versions = {(s.provider, s.invoice_id, s.version): s for s in writes.history}
+    for s in writes.outbox.values():
+        versions.setdefault((s.provider, s.invoice_id, s.version), s)
+    return [
+        (invoice_key(provider, invoice_id), version, _encoder.encode(s))
+        for (provider, invoice_id, version), s in versions.items()
+    ]
+
+
+def _backfill(rows: Sequence[tuple[str, bytes | None]]) -> tuple[list[Any], list[Any]]:
+    """Migration 2 for invoices stored by version 1: (order ids, current settlements)."""
+    orders: list[tuple[str | None, str]] = []
+    settlements: list[tuple[str, int, bytes]] = []
+    for key, data in rows:
+        if data is None:
+            continue
+        settlement = _state_decoder.decode(data).settlement
+        orders.append((settlement.order_id, key))
+        settlements.append((key, settlement.version, _encoder.encode(settlement)))
+    return orders, settlements
 
 
 # --- SQLite -----------------------------------------------------------------------------------
 
 _SQLITE_FORGET: Final = "DELETE FROM outbox WHERE key = ? AND version = ?"
+_SQLITE_HISTORY: Final = (
+    "INSERT INTO settlements (key, version, data) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+)
 
 
 @contextlib.contextmanager
@@ -202,9 +254,16 @@ class SqliteStore:
             db.execute("CREATE TABLE IF NOT EXISTS payhook_schema (version INTEGER NOT NULL)")
             row = db.execute("SELECT max(version) FROM payhook_schema").fetchone()
             current = row[0] or 0
+            _check_not_newer(current)
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[version]:
                     db.execute(statement.format(blob="BLOB"))
+                if version == 2:
+                    orders, settlements = _backfill(
+                        db.execute("SELECT key, data FROM invoices").fetchall()
+                    )
+                    db.executemany("UPDATE invoices SET order_id = ? WHERE key = ?", orders)
+                    db.executemany(_SQLITE_HISTORY, settlements)
                 db.execute("INSERT INTO payhook_schema (version) VALUES (?)", (version,))
 
     def _conn(self) -> sqlite3.Connection:
@@ -233,11 +292,15 @@ class SqliteStore:
             writes = update(states)
             if writes.states:
                 db.executemany(
-                    "INSERT INTO invoices (key, version, state, data) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO invoices (key, version, state, data, order_id) "
+                    "VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (key) DO UPDATE SET version = excluded.version, "
-                    "state = excluded.state, data = excluded.data",
+                    "state = excluded.state, data = excluded.data, order_id = excluded.order_id",
                     _state_rows(writes),
                 )
+            history = _history_rows(writes)
+            if history:
+                db.executemany(_SQLITE_HISTORY, history)
             if writes.outbox:
                 db.executemany(
                     "INSERT INTO outbox (key, version) VALUES (?, ?) "
@@ -289,6 +352,9 @@ _RETRYABLE: Final = (
 )
 _MAX_ATTEMPTS: Final = 10
 _MIGRATION_LOCK: Final = 0x70617968  # "payh": one migrator at a time
+_PG_HISTORY_ROW: Final = (
+    "INSERT INTO settlements (key, version, data) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+)
 _PG_FORGET: Final = (
     "DELETE FROM outbox o USING unnest($1::text[], $2::int[]) AS p(key, version) "
     "WHERE o.key = p.key AND o.version = p.version"
@@ -315,9 +381,18 @@ class PostgresStore:
                     "CREATE TABLE IF NOT EXISTS payhook_schema (version INTEGER NOT NULL)"
                 )
                 current = await conn.fetchval("SELECT max(version) FROM payhook_schema") or 0
+                _check_not_newer(current)
                 for version in range(current + 1, SCHEMA_VERSION + 1):
                     for statement in _MIGRATIONS[version]:
                         await conn.execute(statement.format(blob="BYTEA"))
+                    if version == 2:
+                        orders, settlements = _backfill(
+                            [tuple(r) for r in await conn.fetch("SELECT key, data FROM invoices")]
+                        )
+                        await conn.executemany(
+                            "UPDATE invoices SET order_id = $1 WHERE key = $2", orders
+                        )
+                        await conn.executemany(_PG_HISTORY_ROW, settlements)
                     await conn.execute("INSERT INTO payhook_schema (version) VALUES ($1)", version)
         except BaseException:
             await pool.close()
@@ -360,10 +435,19 @@ class PostgresStore:
             writes = update(states)
             if writes.states:
                 await conn.execute(
-                    "UPDATE invoices SET version = u.version, state = u.state, data = u.data "
-                    "FROM unnest($1::text[], $2::int[], $3::text[], $4::bytea[]) "
-                    "AS u(key, version, state, data) WHERE invoices.key = u.key",
+                    "UPDATE invoices SET version = u.version, state = u.state, data = u.data, "
+                    "order_id = u.order_id "
+                    "FROM unnest($1::text[], $2::int[], $3::text[], $4::bytea[], $5::text[]) "
+                    "AS u(key, version, state, data, order_id) WHERE invoices.key = u.key",
                     *_columns(_state_rows(writes)),
+                )
+            history = _history_rows(writes)
+            if history:
+                await conn.execute(
+                    "INSERT INTO settlements (key, version, data) "
+                    "SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[]) "
+                    "ON CONFLICT DO NOTHING",
+                    *_columns(history),
                 )
             if writes.outbox:
                 await conn.execute(

@@ -1,4 +1,5 @@
-"""Reading the consumer's store without writing to it: what ``payhook recover`` needs.
+"""Reading the consumer's store without writing to it: what ``payhook recover`` and
+``payhook settlement`` need.
 
 The consumer owns the store: it creates and migrates the schema and, on SQLite, holds an
 exclusive lock. A reader opens it read-only (SQLite ``mode=ro``, beside the running consumer
@@ -65,7 +66,22 @@ class StoreReader(Protocol):
         updated at or after ``since``."""
         ...
 
+    async def settlement_versions(self, key: str) -> list[bytes]:
+        """Every stored version of an invoice's settlement (the JSON published), oldest first."""
+        ...
+
+    async def order_settlements(self, order_id: str) -> list[bytes]:
+        """The current settlement of every invoice of an order, by invoice key."""
+        ...
+
     async def close(self) -> None: ...
+
+
+_VERSIONS: Final = "SELECT data FROM settlements WHERE key = {p1} ORDER BY version"
+_ORDER: Final = (
+    "SELECT s.data FROM invoices i JOIN settlements s ON s.key = i.key AND s.version = i.version "
+    "WHERE i.order_id = {p1} ORDER BY i.key"
+)
 
 
 async def open_reader(url: str) -> StoreReader:
@@ -152,6 +168,16 @@ class SqliteReader:
             if data is not None and _updated_since(data, since)
         ]
 
+    async def settlement_versions(self, key: str) -> list[bytes]:
+        return await self._rows(_VERSIONS.format(p1="?"), key)
+
+    async def order_settlements(self, order_id: str) -> list[bytes]:
+        return await self._rows(_ORDER.format(p1="?"), order_id)
+
+    async def _rows(self, query: str, arg: str) -> list[bytes]:
+        rows = await self._run(lambda: self._conn().execute(query, (arg,)).fetchall())
+        return [bytes(row[0]) for row in rows]
+
     async def close(self) -> None:
         def _close() -> None:
             db, self._db = self._db, None
@@ -203,6 +229,14 @@ class PostgresReader:
             for r in rows
             if r["data"] is not None and _updated_since(r["data"], since)
         ]
+
+    async def settlement_versions(self, key: str) -> list[bytes]:
+        rows = await self._pool.fetch(_VERSIONS.format(p1="$1"), key)
+        return [bytes(r["data"]) for r in rows]
+
+    async def order_settlements(self, order_id: str) -> list[bytes]:
+        rows = await self._pool.fetch(_ORDER.format(p1="$1"), order_id)
+        return [bytes(r["data"]) for r in rows]
 
     async def close(self) -> None:
         await self._pool.close()

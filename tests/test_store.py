@@ -15,7 +15,7 @@ import pytest
 
 from schemas.events import InvoiceEvent, Settlement
 from service.consume.reconcile import BatchOutcome, InvoiceState, apply_batch
-from service.store import Published, Store, StoreError, Writes, open_store
+from service.store import SCHEMA_VERSION, Published, Store, StoreError, Writes, open_store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 2, tzinfo=UTC)
@@ -163,7 +163,7 @@ async def test_sqlite_relative_url_and_schema_version(
     store = await open_store("sqlite:///var/payhook.db")
     await store.close()
     with sqlite3.connect(tmp_path / "var" / "payhook.db") as db:
-        assert db.execute("SELECT max(version) FROM payhook_schema").fetchone() == (1,)
+        assert db.execute("SELECT max(version) FROM payhook_schema").fetchone() == (SCHEMA_VERSION,)
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"invoices", "outbox", "payhook_schema"} <= tables
 

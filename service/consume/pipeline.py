@@ -235,6 +235,7 @@ class Pipeline:
             return _BatchWrites(
                 states=result.states,
                 outbox=result.settlements,
+                history=result.versions,
                 outcomes=result.outcomes,
                 rejected=result.rejected,
             )

@@ -322,12 +322,14 @@ BatchOutcome = Literal["duplicate", "unchanged", "changed", "invalid"]
 @final
 class BatchResult(msgspec.Struct):
     """What a batch of events did: changed states, settlements to publish, outcomes (one per
-    event, in order) and why each ``invalid`` one could not be reconciled."""
+    event, in order), why each ``invalid`` one could not be reconciled, and every new
+    settlement version in order (the store keeps them all)."""
 
     states: dict[str, InvoiceState]
     settlements: dict[str, Settlement]
     outcomes: list[BatchOutcome]
     rejected: dict[int, str]
+    versions: list[Settlement] = msgspec.field(default_factory=list)
 
 
 def apply_batch(
@@ -342,6 +344,7 @@ def apply_batch(
     settlements: dict[str, Settlement] = {}
     outcomes: list[BatchOutcome] = []
     rejected: dict[int, str] = {}
+    versions: list[Settlement] = []
     for index, event in enumerate(events):
         key = invoice_key(event.provider, event.invoice_id)
         try:
@@ -356,6 +359,11 @@ def apply_batch(
         current[key] = changed[key] = applied.state
         if applied.outcome == "changed":
             settlements[key] = applied.state.settlement
+            versions.append(applied.state.settlement)
     return BatchResult(
-        states=changed, settlements=settlements, outcomes=outcomes, rejected=rejected
+        states=changed,
+        settlements=settlements,
+        outcomes=outcomes,
+        rejected=rejected,
+        versions=versions,
     )
