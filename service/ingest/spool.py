@@ -17,12 +17,17 @@ Storage: append-only segment files of framed records (magic, length, CRC-32), no
 - Acknowledging drained records moves a cursor (segment, offset) kept in a small checksummed
   file. It is written after Kafka acknowledged the batch, so a crash in between republishes that
   batch: delivery is at least once and the consumer absorbs the duplicate by ``event_id``.
+- One process at a time: the spool holds an exclusive ``flock`` on ``DIR/lock`` while open, so
+  ``payhook spool drain`` refuses a directory a live ``serve`` holds, and a killed ``serve``
+  leaves no lock behind (the kernel drops it with the process). :func:`inspect` reads a spool
+  without the lock and without changing a byte (``payhook spool status``, beside ``serve``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import struct
 import time
@@ -47,6 +52,9 @@ _LENGTH: Final = struct.Struct(">I")
 _CURSOR: Final = struct.Struct(">4sQQI")
 _CURSOR_MAGIC: Final = b"PHC1"
 _CURSOR_FILE: Final = "cursor"
+_LOCK_FILE: Final = "lock"
+_LOCK_ATTEMPTS: Final = 10
+_LOCK_RETRY_SECONDS: Final = 0.02
 _SEGMENT_SUFFIX: Final = ".seg"
 # A frame longer than this is garbage, not a record (a webhook body is at most a few MiB).
 _MAX_FRAME: Final = 64 * 1024 * 1024
@@ -58,6 +66,10 @@ class SpoolError(Unavailable):
 
 class SpoolFull(SpoolError):
     """The spool holds ``spool_max_bytes`` already."""
+
+
+class SpoolLocked(SpoolError):
+    """Another live process (a ``payhook serve``, a drain) has the spool open."""
 
 
 class SpooledEvent(msgspec.Struct, frozen=True, array_like=True):
@@ -137,13 +149,20 @@ class Spool:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._broken: str | None = None
+        self._lock_fd: int | None = None
         self.flushes = 0  # fdatasync calls: fewer than appends when group commit works
 
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Recovers what a previous process left (in a thread) and starts the writer."""
-        await asyncio.to_thread(self._recover)
+        """Takes the spool's lock, recovers what a previous process left (in a thread) and
+        starts the writer. Raises :class:`SpoolLocked` when another process holds it."""
+        await asyncio.to_thread(self._lock)
+        try:
+            await asyncio.to_thread(self._recover)
+        except BaseException:
+            self._unlock()
+            raise
         self._update_state()
         if self._metrics is not None:
             self._metrics.spool_oldest_age.set_function(self.oldest_age)
@@ -159,6 +178,29 @@ class Spool:
         if self._active_fd is not None:
             os.close(self._active_fd)
             self._active_fd = None
+        self._unlock()
+
+    def _lock(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        # `payhook spool status` holds a shared lock for an instant to see whether anyone
+        # holds this one: a few short retries let that pass, a live owner does not.
+        for attempt in range(_LOCK_ATTEMPTS):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if attempt + 1 < _LOCK_ATTEMPTS:
+                    time.sleep(_LOCK_RETRY_SECONDS)
+                continue
+            self._lock_fd = fd
+            return
+        os.close(fd)
+        raise SpoolLocked(f"the spool {self.directory} is in use by another process")
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)  # releases the flock
 
     async def __aenter__(self) -> Spool:
         await self.start()
@@ -441,33 +483,7 @@ class Spool:
     def _scan(self, path: Path, seq: int, skip_before: int) -> tuple[list[_Entry], int]:
         """Valid frames of one segment; a torn or corrupt tail is truncated away."""
         data = path.read_bytes()
-        entries: list[_Entry] = []
-        offset = 0
-        reason = ""
-        while offset < len(data):
-            if len(data) - offset < _HEADER.size:
-                reason = "short header"
-                break
-            magic, length, crc = _HEADER.unpack_from(data, offset)
-            if magic != _MAGIC or length > _MAX_FRAME:
-                reason = "bad magic or length"
-                break
-            end = offset + _HEADER.size + length
-            if end > len(data):
-                reason = "short payload"
-                break
-            payload = data[offset + _HEADER.size : end]
-            if zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length))) != crc:
-                reason = "checksum mismatch"
-                break
-            try:
-                event = _decoder.decode(payload)
-            except msgspec.DecodeError:
-                reason = "undecodable record"
-                break
-            if offset >= skip_before:
-                entries.append(_Entry(seq, offset, end - offset, event.spooled_at))
-            offset = end
+        entries, offset, reason = _frames(data, seq, skip_before)
         if reason:
             log.warning(
                 "spool_torn_record",
@@ -495,6 +511,108 @@ class Spool:
         if self._metrics is not None:
             self._metrics.spool_depth.set(len(self._entries))
             self._metrics.spool_bytes.set(self._disk_bytes)
+
+
+def _frames(data: bytes, seq: int, skip_before: int) -> tuple[list[_Entry], int, str]:
+    """The valid frames of a segment's bytes at or after ``skip_before``, where the valid part
+    ends, and why it ends there ("" at the end of ``data``)."""
+    entries: list[_Entry] = []
+    offset = 0
+    reason = ""
+    while offset < len(data):
+        if len(data) - offset < _HEADER.size:
+            reason = "short header"
+            break
+        magic, length, crc = _HEADER.unpack_from(data, offset)
+        if magic != _MAGIC or length > _MAX_FRAME:
+            reason = "bad magic or length"
+            break
+        end = offset + _HEADER.size + length
+        if end > len(data):
+            reason = "short payload"
+            break
+        payload = data[offset + _HEADER.size : end]
+        if zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length))) != crc:
+            reason = "checksum mismatch"
+            break
+        try:
+            event = _decoder.decode(payload)
+        except msgspec.DecodeError:
+            reason = "undecodable record"
+            break
+        if offset >= skip_before:
+            entries.append(_Entry(seq, offset, end - offset, event.spooled_at))
+        offset = end
+    return entries, offset, reason
+
+
+@final
+class SpoolStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``payhook spool status`` reports of a spool directory."""
+
+    directory: str
+    depth: int  # records not yet acknowledged by Kafka
+    bytes: int  # segment bytes on disk
+    oldest_age_seconds: float  # of the oldest record not yet acknowledged; 0 when empty
+    locked: bool  # a live process (serve, a drain) holds it
+
+
+def inspect(directory: Path, now: float | None = None) -> SpoolStatus:
+    """Reads a spool without its lock and without writing: safe beside a running ``serve``.
+    A frame being written just now reads as a torn tail and is not counted. Raises OSError
+    when the directory cannot be read."""
+    cursor_seq, cursor_offset = _peek_cursor(directory / _CURSOR_FILE)
+    depth = size = 0
+    oldest: float | None = None
+    for path in sorted(directory.iterdir()):
+        if path.suffix != _SEGMENT_SUFFIX or not path.stem.isdigit():
+            continue
+        seq = int(path.stem)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # retired by serve meanwhile
+            continue
+        size += len(data)
+        if seq < cursor_seq:
+            continue
+        entries, _, _ = _frames(data, seq, cursor_offset if seq == cursor_seq else 0)
+        depth += len(entries)
+        if entries and oldest is None:
+            oldest = entries[0].spooled_at
+    age = 0.0 if oldest is None else max(0.0, (time.time() if now is None else now) - oldest)
+    return SpoolStatus(
+        directory=str(directory),
+        depth=depth,
+        bytes=size,
+        oldest_age_seconds=round(age, 3),
+        locked=_is_locked(directory / _LOCK_FILE),
+    )
+
+
+def _peek_cursor(path: Path) -> tuple[int, int]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return 0, 0
+    if len(data) == _CURSOR.size:
+        magic, seq, offset, crc = _CURSOR.unpack(data)
+        if magic == _CURSOR_MAGIC and crc == zlib.crc32(data[: _CURSOR.size - 4]):
+            return seq, offset
+    return 0, 0  # as Spool reads it: an invalid cursor replays everything
+
+
+def _is_locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # a shared lock taken here goes with the descriptor
+    return False
 
 
 class SpoolSink(Protocol):

@@ -25,6 +25,7 @@ from schemas.events import InvoiceEvent, Origin
 from service.providers.bitfinex import BITFINEX
 from service.providers.cryptopos import CRYPTOPOS
 from service.providers.cryptosteroid import CRYPTOSTEROID
+from service.providers.samples import SampleStatus
 from service.settings import Secret, Settings
 
 N = TypeVar("N")
@@ -57,6 +58,10 @@ class Provider(Protocol[N]):
         """The provider-neutral event; InvalidPayload for what cannot be money or a time.
         ``origin`` says how it came: a notification, or read back by ``payhook recover``."""
 
+    def sample(self, status: SampleStatus, invoice_id: str, order_id: str, now: datetime) -> bytes:
+        """A realistic notification body of ``status`` (``payhook send-test``); for a
+        merchant-signed provider, the part it signs. NoSample for a status it never sends."""
+
 
 class PerOrderProvider(Provider[N], Protocol[N]):
     @property
@@ -84,6 +89,9 @@ class MerchantSignedProvider(Provider[N], Protocol[N]):
 
     def authenticate(self, body: bytes, secret: Secret) -> bytes | None:
         """The signed bytes to decode, or None when the signature is missing or wrong."""
+
+    def sign(self, data: bytes, secret: Secret) -> bytes:
+        """The body the provider sends for the signed ``data`` (``payhook send-test``)."""
 
 
 PER_ORDER: Final[Mapping[str, PerOrderProvider[Any]]] = {

@@ -29,7 +29,7 @@ import hmac
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, Literal, final
 
@@ -63,6 +63,7 @@ from service.providers.normalize import (
     status_of,
     time_from_ms,
 )
+from service.providers.samples import SampleStatus, sample_json
 from service.settings import Secret
 
 BITFINEX_STATUS: Final[dict[str, InvoiceStatus]] = {
@@ -179,6 +180,47 @@ class Bitfinex:
         self, notification: BitfinexWebhook, received_at: datetime, origin: Origin = "webhook"
     ) -> InvoiceEvent:
         return finish(_draft(notification, latest_time(received_at)), received_at, origin)
+
+    def sample(self, status: SampleStatus, invoice_id: str, order_id: str, now: datetime) -> bytes:
+        """A webhook as Bitfinex sends it (seed 003's shape): COMPLETED with its payment,
+        PENDING with half of it paid, or EXPIRED unpaid."""
+        due = Decimal("0.00040000")
+        paid = {"completed": due, "partial": due / 2, "expired": None}[status]
+        created = now - timedelta(minutes=10)
+        body: dict[str, Any] = {
+            "id": invoice_id,
+            "type": "ECOMMERCE",
+            "orderId": order_id,
+            "status": {"completed": "COMPLETED", "partial": "PENDING", "expired": "EXPIRED"}[
+                status
+            ],
+            "amount": Decimal("25.50"),
+            "currency": "USD",
+            "t": int(created.timestamp() * 1000),
+            "invoices": [
+                {
+                    "amount": due,
+                    "currency": "BTC",
+                    "payCurrency": "BTC",
+                    "poolCurrency": "BTC",
+                    "address": "bc1qpayhooktestaddress0000000000000000000",
+                }
+            ],
+        }
+        if paid is not None:
+            at = (now - timedelta(minutes=1)).strftime("%Y-%m-%d %H:%M:%S")
+            body["payment"] = {
+                "txid": f"{invoice_id}-tx",
+                "amount": paid,
+                "currency": "BTC",
+                "method": "BITCOIN",
+                "status": "COMPLETED" if status == "completed" else "PENDING",
+                "confirmations": 6 if status == "completed" else 1,
+                "created_at": at,
+                "updated_at": at,
+                "depositId": 1,
+            }
+        return sample_json(body)
 
 
 BITFINEX: Final = Bitfinex()

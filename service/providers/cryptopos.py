@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
-from datetime import datetime
-from typing import Final, Literal, final
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final, Literal, final
 from urllib.parse import quote
 
 import aiohttp
@@ -50,6 +51,7 @@ from service.providers.normalize import (
     parse_time,
     required_amount,
 )
+from service.providers.samples import NoSample, SampleStatus, iso_millis, sample_json
 from service.settings import Secret, Settings
 
 
@@ -180,6 +182,42 @@ class CryptoPos:
         self, notification: CryptoPosInvoice, received_at: datetime, origin: Origin = "webhook"
     ) -> InvoiceEvent:
         return finish(_draft(notification, latest_time(received_at)), received_at, origin)
+
+    def sample(self, status: SampleStatus, invoice_id: str, order_id: str, now: datetime) -> bytes:
+        """The ``data`` of a callback as Crypto POS sends it (seed 002's shape): completed, or
+        a partial payment. It sends no expiry callback (NoSample)."""
+        if status == "expired":
+            raise NoSample("Crypto POS sends no callback for an expiry: use completed or partial")
+        total = Decimal("10.00")
+        paid = total if status == "completed" else Decimal("4.00")
+        body: dict[str, Any] = {
+            "client": {"referenceID": order_id},
+            "paidAmount": paid,
+            "subTotal": total,
+            "total": total,
+            "partialPaymentsEnabled": True,
+            "currency": "USDC",
+            "completed": status == "completed",
+            "description": "payhook send-test",
+            "transactions": [
+                {
+                    "tx": f"{invoice_id}-tx",
+                    "amount": paid,
+                    "cryptoAmount": paid * 1_000_000,
+                    "timestamp": iso_millis(now - timedelta(minutes=1)),
+                    "network": "MATIC_POLYGON",
+                }
+            ],
+            "createdAt": iso_millis(now - timedelta(minutes=10)),
+            "merchant": {"name": "payhook send-test", "initiator": "payhook send-test"},
+            "id": invoice_id,
+        }
+        return sample_json(body)
+
+    def sign(self, data: bytes, secret: Secret) -> bytes:
+        """The callback envelope around ``data``, signed with the merchant secret."""
+        mark = signature(data, secret.reveal()).encode()
+        return b'{"signature":"' + mark + b'","data":' + data + b"}"
 
 
 CRYPTOPOS: Final = CryptoPos()

@@ -15,9 +15,9 @@ notification's own decoder and normalization.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Final, Literal, final
+from typing import Any, Final, Literal, final
 from urllib.parse import quote
 
 import aiohttp
@@ -49,6 +49,7 @@ from service.providers.normalize import (
     required_amount,
     status_of,
 )
+from service.providers.samples import SampleStatus, iso_millis, sample_json
 from service.settings import Secret
 
 CRYPTOSTEROID_STATUS: Final[dict[str, InvoiceStatus]] = {
@@ -124,6 +125,41 @@ class CryptoSteroid:
         self, notification: CryptoSteroidInvoice, received_at: datetime, origin: Origin = "webhook"
     ) -> InvoiceEvent:
         return finish(_draft(notification, latest_time(received_at)), received_at, origin)
+
+    def sample(self, status: SampleStatus, invoice_id: str, order_id: str, now: datetime) -> bytes:
+        """An invoice object as CryptoSteroid sends it to ``processingUrl``: PAID in full,
+        WAITING with part of it received, or EXPIRED unpaid."""
+        due = Decimal("100.50")
+        received = {"completed": due, "partial": Decimal("50.25"), "expired": Decimal("0")}[status]
+        created = now - timedelta(minutes=10)
+        body: dict[str, Any] = {
+            "merchantId": "payhook-test-merchant",
+            "invoiceId": invoice_id,
+            "fiatAmount": "100.00",
+            "fiatCurrency": "USD",
+            "description": "payhook send-test",
+            "whoPayCommission": "buyer",
+            "payment": {
+                "method": "USDT_TRC20",
+                "address": "TPayhookTestAddress000000000000000",
+                "amount": str(due),
+                "net": "100.00",
+                "fee": "0.50",
+                "paid": {
+                    "hash": [] if status == "expired" else [f"{invoice_id}-tx"],
+                    "received": str(received),
+                    "finished": status == "completed",
+                },
+            },
+            "externalId": order_id,
+            "processingUrl": None,
+            "timeoutSeconds": 1800,
+            "createdAt": iso_millis(created),
+            "expiresAt": iso_millis(created + timedelta(seconds=1800)),
+            "updatedAt": iso_millis(now - timedelta(minutes=1)),
+            "status": {"completed": "PAID", "partial": "WAITING", "expired": "EXPIRED"}[status],
+        }
+        return sample_json(body)
 
 
 CRYPTOSTEROID: Final = CryptoSteroid()

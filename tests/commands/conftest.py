@@ -1,0 +1,71 @@
+"""Running ``payhook`` commands as the operator does: in-process through ``main`` (for output and
+exit codes), or as a child process (to kill one mid-way)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import pytest
+
+from service.cli import main
+from service.settings import Settings
+from tests.fixtures_kafka import TEST_ENV
+
+
+@dataclass(frozen=True)
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+def env_of(settings: Settings, **extra: str) -> dict[str, str]:
+    """The PAYHOOK_* environment that ``load_settings`` turns back into ``settings``."""
+    return {
+        **TEST_ENV,
+        "PAYHOOK_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "PAYHOOK_TOPIC_PREFIX": settings.topic_prefix,
+        "PAYHOOK_STORE_URL": settings.store_url,
+        "PAYHOOK_SPOOL_DIR": str(settings.spool_dir),
+        "PAYHOOK_PUBLIC_URL": settings.public_url,
+        **extra,
+    }
+
+
+Payhook = Callable[..., Awaitable[Ran]]
+
+
+@pytest.fixture
+def payhook(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Payhook:
+    """``await payhook(env, *args)``: runs ``main(args)`` in a thread (commands run their own
+    event loop) with exactly ``env`` as the PAYHOOK_* environment."""
+
+    async def run(env: Mapping[str, str], *args: str) -> Ran:
+        for name in list(os.environ):
+            if name.startswith("PAYHOOK_"):
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, list(args))
+        captured = capsys.readouterr()
+        return Ran(code, captured.out, captured.err)
+
+    return run
+
+
+def child(env: Mapping[str, str], *args: str) -> subprocess.Popen[str]:
+    """``payhook ARGS`` as a separate process (stdout piped, line by line)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PAYHOOK_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args],
+        env={**clean, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
