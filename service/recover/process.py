@@ -13,7 +13,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, final
@@ -21,18 +21,16 @@ from typing import Final, final
 import aiohttp
 import structlog
 from aiohttp import web
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 
 from schemas.events import PROVIDERS, InvoiceEvent, Provider
-from service.kafka import encode_event, ensure_topics, event_headers, event_key
-from service.metrics import CONTENT_TYPE
 from service.providers.api import Clock, LoopClock, RetryPolicy
 from service.providers.bitfinex import BitfinexApi
 from service.providers.cryptopos import CryptoPosApi
 from service.providers.cryptosteroid import CryptoSteroidApi
 from service.recover.metrics import RecoverMetrics
-from service.recover.sweep import PublishFailed, RefreshApi, Summary, Sweeper
+from service.recover.probes import create_probe_app
+from service.recover.publisher import EventPublisher
+from service.recover.sweep import RefreshApi, Summary, Sweeper
 from service.settings import RECOVERY_SETTINGS, Settings, recovery_missing
 from service.store import StoreError
 from service.store_reader import StoreReader, open_reader
@@ -41,63 +39,6 @@ from service.tasks import cancel_and_wait
 log = structlog.get_logger("payhook.recover")
 
 _USER_AGENT: Final = "payhook-recover"
-
-
-@final
-class EventPublisher:
-    """Publishes recovered events with ``acks=all``; connects on first use, so a sweep still
-    reads (and reports) while Kafka is down."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._producer: AIOKafkaProducer | None = None
-
-    async def _started(self) -> AIOKafkaProducer:
-        if self._producer is not None:
-            return self._producer
-        problem = (await ensure_topics(self._settings)).get(self._settings.events_topic)
-        if problem is not None:
-            raise PublishFailed(problem)
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self._settings.kafka_bootstrap,
-            acks="all",
-            enable_idempotence=self._settings.kafka_idempotence,
-            client_id=_USER_AGENT,
-        )
-        try:
-            await producer.start()
-        except (KafkaError, OSError) as exc:
-            await producer.stop()
-            raise PublishFailed(f"Kafka unreachable ({type(exc).__name__})") from None
-        self._producer = producer
-        return producer
-
-    async def publish(self, events: Sequence[InvoiceEvent]) -> None:
-        producer = await self._started()
-        topic = self._settings.events_topic
-        try:
-            async with asyncio.timeout(self._settings.commit_timeout):
-                futures = [
-                    await producer.send(
-                        topic, value=encode_event(e), key=event_key(e), headers=event_headers(e)
-                    )
-                    for e in events
-                ]
-                results = await asyncio.gather(*futures, return_exceptions=True)
-        except TimeoutError:
-            raise PublishFailed(
-                f"not acknowledged within {self._settings.commit_timeout:g} s"
-            ) from None
-        except KafkaError as exc:
-            raise PublishFailed(type(exc).__name__) from None
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise PublishFailed(f"{len(errors)} not acknowledged ({type(errors[0]).__name__})")
-
-    async def close(self) -> None:
-        producer, self._producer = self._producer, None
-        if producer is not None:
-            await producer.stop()
 
 
 @dataclass(slots=True)
@@ -257,34 +198,6 @@ async def once(settings: Settings, options: Options = Options()) -> int:
     for summary in summaries:
         print(summary.line(), flush=True)
     return 0 if all(s.ok for s in summaries if s.configured) else 1
-
-
-_METRICS_KEY: Final = web.AppKey("metrics", RecoverMetrics)
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def _readyz(request: web.Request) -> web.Response:
-    if request.app[_METRICS_KEY].readiness.ready:
-        return web.json_response({"status": "ready"})
-    return web.json_response({"status": "unavailable"}, status=503)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[_METRICS_KEY].render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-
-def create_probe_app(metrics: RecoverMetrics) -> web.Application:
-    """``/healthz``, ``/readyz`` and ``/metrics`` of ``payhook recover``."""
-    app = web.Application()
-    app[_METRICS_KEY] = metrics
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    return app
 
 
 async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
