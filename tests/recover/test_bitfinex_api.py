@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import UTC, datetime
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-from hypothesis import given
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.providers.api import CredentialsRejected, RetryPolicy
@@ -235,3 +237,44 @@ def test_listing_only_fields_never_reach_the_event() -> None:
     assert WEBHOOK_TOKEN.encode() not in encoded
     assert CUSTOMER_EMAIL.encode() not in encoded
     assert b"Jane" not in encoded
+
+
+async def _list_all(times: list[int], end: int) -> tuple[set[str], list[str], BitfinexSimulator]:
+    clock = ManualClock()
+    sim = BitfinexSimulator(api_key=BFX_KEY, api_secret=BFX_SECRET, now=clock.now)
+    sim.invoices = [bitfinex_invoice(i, t) for i, t in enumerate(times)]
+    runner = web.AppRunner(sim.app())
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        async with aiohttp.ClientSession() as http:
+            api = client(http, f"http://{host}:{port}", clock)
+            listing = await api.list_invoices(0, end, RECEIVED)
+    finally:
+        await runner.cleanup()
+    return set(listing.events), listing.errors, sim
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scattered=st.lists(st.integers(min_value=0, max_value=10_000), max_size=300),
+    cluster_at=st.integers(min_value=0, max_value=10_000),
+    cluster=st.integers(min_value=0, max_value=130),
+)
+def test_splitting_finds_every_invoice_whatever_their_times(
+    scattered: list[int], cluster_at: int, cluster: int
+) -> None:
+    times = scattered + [cluster_at] * cluster
+    found, errors, sim = asyncio.run(_list_all(times, 10_000))
+    crowded = {t for t in set(times) if times.count(t) >= LIMIT}
+    if crowded:
+        # a millisecond with 100 or more invoices cannot be split further: said, not hidden
+        assert errors
+        assert all(str(t) in " ".join(errors) for t in crowded)
+    else:
+        assert errors == []
+        assert found == {f"bfx-{i:05d}" for i in range(len(times))}
+    assert all(body["limit"] == LIMIT for body in sim.bodies)
+    assert sim.refused == []
