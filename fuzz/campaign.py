@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from jsonschema import Draft202012Validator
 
 from devtools.devbroker import LocalBroker, free_port, stop_process, wait_for_port
-from fuzz.cases import Case, Generator, Keys
+from fuzz.cases import PII, Case, Generator, Keys
 from fuzz.wire import Exchange, exchange
 from schemas.events import InvoiceEvent
 from schemas.generate import HERE as SCHEMAS
@@ -351,6 +351,12 @@ def check_events(values: list[bytes], tally: Tally) -> tuple[int, int]:
             tally.problem("event_undecodable", f"{exc}: {value[:300]!r}")
             continue
         on_topic.add(event.event_id)
+        keys = [(p.currency, p.txid) for p in event.payments]
+        if len(keys) != len(set(keys)):
+            tally.problem("payment_listed_twice", f"{event.event_id}: {keys}")
+        for planted in PII:
+            if planted in value:
+                tally.problem("personal_data_in_event", f"{event.event_id}: {planted!r}")
         errors = sorted(validator.iter_errors(json.loads(value)), key=lambda e: list(e.path))
         if errors:
             first = errors[0]

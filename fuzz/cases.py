@@ -19,6 +19,14 @@ from service.ingest.secrets import mint_secret
 from service.providers.cryptopos import signature as cryptopos_signature
 from service.settings import SigningKey
 
+# Personal data planted in the bodies: none of it may reach an event.
+PII: Final = (
+    b"Alice Example",
+    b"alice@example.com",
+    b"a@example.com",
+    b"0x2F67f1426f33E25A920F0b2139cd460fDfb8997C",
+)
+
 
 @dataclass(slots=True)
 class Case:
@@ -136,6 +144,8 @@ def bitfinex_body(rng: random.Random, order_id: str) -> dict[str, Any]:
         body["payment"] = _bfx_payment(rng, "BTC")
         if rng.random() < 0.3:
             body["additionalPayments"] = [_bfx_payment(rng, "BTC")]
+            if rng.random() < 0.5:  # as Bitfinex may: ``payment`` repeated among them
+                body["additionalPayments"].append(copy.deepcopy(body["payment"]))
     return body
 
 
