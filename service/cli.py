@@ -32,17 +32,23 @@ _DESCRIPTION = (
 
 
 _RECOVER_DESCRIPTION = (
-    "Reads the providers' APIs and publishes, as events with origin 'recovery', what the store "
-    "has not processed: Bitfinex invoices created within the lookback, and the CryptoSteroid "
-    "and Crypto POS invoices still open in the store. Without --once it sweeps every "
-    "PAYHOOK_RECOVER_INTERVAL seconds and serves /metrics, /healthz and /readyz on "
-    "PAYHOOK_RECOVER_PORT. Settings: PAYHOOK_BITFINEX_API_URL, PAYHOOK_BITFINEX_API_KEY, "
-    "PAYHOOK_BITFINEX_API_SECRET, PAYHOOK_CRYPTOSTEROID_API_URL, PAYHOOK_CRYPTOSTEROID_API_KEY, "
-    "PAYHOOK_CRYPTOSTEROID_MERCHANT_ID, PAYHOOK_CRYPTOPOS_API_URL, PAYHOOK_CRYPTOPOS_API_KEY, "
-    "PAYHOOK_CRYPTOPOS_MERCHANT_ID (a provider is swept only when all of its are set), "
-    "PAYHOOK_RECOVER_INTERVAL, PAYHOOK_RECOVER_LOOKBACK, PAYHOOK_RECOVER_PORT, "
-    "PAYHOOK_STORE_URL (read only), PAYHOOK_KAFKA_BOOTSTRAP, PAYHOOK_TOPIC_PREFIX, "
-    "PAYHOOK_LOG_FORMAT."
+    "recover notifications that never arrived, from the providers' own APIs: publishes, as "
+    "events with origin 'recovery', what the store has not processed (Bitfinex invoices "
+    "created within the lookback, the CryptoSteroid and Crypto POS invoices still open in the "
+    "store). Without --once it sweeps every PAYHOOK_RECOVER_INTERVAL seconds and serves "
+    "/metrics, /healthz and /readyz on PAYHOOK_RECOVER_PORT. A provider is swept only when "
+    "all of its API settings are set; the store is only read"
+)
+_RECOVER_SETTINGS: Final = (
+    *("PAYHOOK_BITFINEX_API_URL", "PAYHOOK_BITFINEX_API_KEY", "PAYHOOK_BITFINEX_API_SECRET"),
+    "PAYHOOK_CRYPTOSTEROID_API_URL",
+    "PAYHOOK_CRYPTOSTEROID_API_KEY",
+    "PAYHOOK_CRYPTOSTEROID_MERCHANT_ID",
+    *("PAYHOOK_CRYPTOPOS_API_URL", "PAYHOOK_CRYPTOPOS_API_KEY", "PAYHOOK_CRYPTOPOS_MERCHANT_ID"),
+    *("PAYHOOK_RECOVER_INTERVAL", "PAYHOOK_RECOVER_LOOKBACK", "PAYHOOK_RECOVER_PORT"),
+    *("PAYHOOK_STORE_URL", "PAYHOOK_KAFKA_BOOTSTRAP", "PAYHOOK_TOPIC_PREFIX"),
+    *("PAYHOOK_KAFKA_IDEMPOTENCE", "PAYHOOK_HTTP_HOST", "PAYHOOK_COMMIT_TIMEOUT"),
+    "PAYHOOK_LOG_FORMAT",
 )
 
 
@@ -69,6 +75,18 @@ _DEFAULTS: Final[dict[str, str]] = {
     "PAYHOOK_CONSUMER_SESSION_TIMEOUT_MS": "10000",
     "PAYHOOK_CONSUMER_BATCH_MAX": "500",
     "PAYHOOK_COMMIT_TIMEOUT": "10",
+    "PAYHOOK_BITFINEX_API_URL": "https://api.bitfinex.com",
+    "PAYHOOK_BITFINEX_API_KEY": "none: Bitfinex is not swept",
+    "PAYHOOK_BITFINEX_API_SECRET": "none: Bitfinex is not swept",
+    "PAYHOOK_CRYPTOSTEROID_API_URL": "none: CryptoSteroid is not swept",
+    "PAYHOOK_CRYPTOSTEROID_API_KEY": "none: CryptoSteroid is not swept",
+    "PAYHOOK_CRYPTOSTEROID_MERCHANT_ID": "none: CryptoSteroid is not swept",
+    "PAYHOOK_CRYPTOPOS_API_URL": "none: Crypto POS is not swept",
+    "PAYHOOK_CRYPTOPOS_API_KEY": "none: Crypto POS is not swept",
+    "PAYHOOK_CRYPTOPOS_MERCHANT_ID": "none: Crypto POS is not swept",
+    "PAYHOOK_RECOVER_INTERVAL": "300",
+    "PAYHOOK_RECOVER_LOOKBACK": "172800",
+    "PAYHOOK_RECOVER_PORT": "8082",
 }
 _KAFKA: Final = ("PAYHOOK_KAFKA_BOOTSTRAP", "PAYHOOK_TOPIC_PREFIX")
 
@@ -135,10 +153,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add(commands, "topics", "create the Kafka topics that are missing", _KAFKA)
     _add_operator_commands(commands)
-    recover = commands.add_parser(
+    recover = _add(
+        commands,
         "recover",
-        help="recover notifications that never arrived, from the providers' own APIs",
-        description=_RECOVER_DESCRIPTION,
+        "recover notifications that never arrived, from the providers' own APIs",
+        _RECOVER_SETTINGS,
+        _RECOVER_DESCRIPTION,
     )
     recover.add_argument(
         "--once",
