@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -270,6 +271,16 @@ def _add_operator_commands(commands: Any) -> None:
     )
 
 
+def _operator_logging(log_format: str) -> None:
+    """What the libraries log goes to stderr, warnings and worse only: stdout is the
+    command's own output (JSON lines for scripts among it)."""
+    from service.logs import configure_logging
+
+    configure_logging(log_format, logging.WARNING, cache=False)
+    # The Kafka client logs every failed connection; the command reports the failure itself.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
 def _provider(name: str) -> str:
     if name not in PROVIDERS:
         raise CommandFailed(f"unknown provider {name!r}: use one of {', '.join(PROVIDERS)}", code=2)
@@ -297,6 +308,7 @@ def _settlement(args: argparse.Namespace) -> int:
 def _dlq(args: argparse.Namespace) -> int:
     command = importlib.import_module("service.commands.dlq")
     settings = load_settings(require_signing_keys=False)
+    _operator_logging(settings.log_format)
     if args.dlq_command == "list":
         return int(command.list_records(settings, as_json=args.json))
     return int(command.redrive(settings, dry_run=args.dry_run))
@@ -305,6 +317,7 @@ def _dlq(args: argparse.Namespace) -> int:
 def _spool(args: argparse.Namespace) -> int:
     command = importlib.import_module("service.commands.spool")
     settings = load_settings(require_signing_keys=False)
+    _operator_logging(settings.log_format)
     if args.spool_command == "status":
         directory = Path(args.dir) if args.dir else settings.spool_dir
         return int(command.status(directory, as_json=args.json))

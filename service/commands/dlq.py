@@ -101,7 +101,7 @@ async def _dlq_reader(
     reads the redrive group's positions."""
     problems = {t: p for t, p in (await ensure_topics(settings, _WITHIN)).items() if p}
     if problems:
-        raise _unreachable(settings, next(iter(problems.values())))
+        raise CommandFailed(f"{next(iter(problems.values()))} (check PAYHOOK_KAFKA_BOOTSTRAP)")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id="payhook-dlq",

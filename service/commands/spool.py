@@ -59,7 +59,7 @@ async def _producer(settings: Settings) -> AIOKafkaProducer:
     where = f"cannot reach Kafka at {settings.kafka_bootstrap} (check PAYHOOK_KAFKA_BOOTSTRAP)"
     problems = {t: p for t, p in (await ensure_topics(settings, _CONNECT_WITHIN)).items() if p}
     if problems:
-        raise CommandFailed(f"{where}: {next(iter(problems.values()))}")
+        raise CommandFailed(f"{next(iter(problems.values()))} (check PAYHOOK_KAFKA_BOOTSTRAP)")
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id="payhook-spool-drain",
@@ -111,6 +111,7 @@ async def _drain(settings: Settings, directory: Path) -> tuple[int, int]:
                     ) from None
                 await spool.ack(len(events))
                 sent += len(events)
+                print(f"sent {sent}, {spool.depth} left", flush=True)
         finally:
             await producer.stop()
         return sent, spool.depth

@@ -4,6 +4,7 @@ exit codes), or as a child process (to kill one mid-way)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import pytest
+import structlog
 
 from service.cli import main
 from service.settings import Settings
@@ -52,7 +54,15 @@ def payhook(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str])
         for name, value in env.items():
             monkeypatch.setenv(name, value)
         capsys.readouterr()
-        code = await asyncio.to_thread(main, list(args))
+        root, kafka = logging.getLogger(), logging.getLogger("aiokafka")
+        handlers, level, kafka_level = root.handlers[:], root.level, kafka.level
+        try:
+            code = await asyncio.to_thread(main, list(args))
+        finally:
+            # A command configures logging for its process; this one goes on with other tests.
+            structlog.reset_defaults()
+            root.handlers[:], root.level = handlers, level
+            kafka.setLevel(kafka_level)
         captured = capsys.readouterr()
         return Ran(code, captured.out, captured.err)
 
