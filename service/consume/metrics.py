@@ -37,6 +37,12 @@ class ConsumerMetrics:
             ["provider"],
             registry=r,
         )
+        self.order_conflicts = Counter(
+            "payhook_order_conflicts",
+            "Events refused (to the DLQ) because their invoice belongs to another order",
+            ["provider"],
+            registry=r,
+        )
         self.e2e_latency = Histogram(
             "payhook_settlement_latency_seconds",
             "From received_at (ingest) to the settlement being published",

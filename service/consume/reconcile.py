@@ -46,7 +46,10 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 _payment_encoder: Final = msgspec.json.Encoder()
 
-Outcome = Literal["duplicate", "unchanged", "changed"]
+Outcome = Literal["duplicate", "unchanged", "changed", "conflict"]
+
+# The DLQ ``error`` of an event about an invoice that belongs to another order.
+ORDER_CONFLICT: Final = "order_conflict"
 
 
 class InvalidEvent(ValueError):
@@ -76,6 +79,10 @@ class InvoiceState(msgspec.Struct, frozen=True, kw_only=True, array_like=True, g
 
     def has_event(self, event_id: str) -> bool:
         return any(f.event_id == event_id for f in self.facts)
+
+    def order_id(self) -> str | None:
+        """The order the invoice was first seen with (the first fact that names one)."""
+        return next((f.order_id for f in self.facts if f.order_id is not None), None)
 
 
 @final
@@ -273,12 +280,19 @@ def settle(
 def apply(state: InvoiceState | None, event: InvoiceEvent, now: datetime) -> Applied:
     """Applies one validated event to an invoice's state.
 
-    A duplicate (same ``event_id``) returns the state untouched. An event that changes no
+    A duplicate (same ``event_id``) returns the state untouched. So does an event whose order
+    id differs from the one the invoice was first seen with (both named): ``conflict``, since
+    a per-order secret must never move another order's money. An event that changes no
     settlement field keeps ``version``, ``last_event_id`` and ``updated_at``; one that changes
     any other field bumps ``version`` by one.
     """
-    if state is not None and state.has_event(event.event_id):
-        return Applied(state, "duplicate")
+    if state is not None:
+        if state.has_event(event.event_id):
+            return Applied(state, "duplicate")
+        if event.order_id is not None:
+            owner = state.order_id()
+            if owner is not None and owner != event.order_id:
+                return Applied(state, "conflict")
     fact = fact_of(event)
     facts = (*state.facts, fact) if state is not None else (fact,)
     settlement = settle(
@@ -316,13 +330,13 @@ def apply_all(
     return state, outcomes
 
 
-BatchOutcome = Literal["duplicate", "unchanged", "changed", "invalid"]
+BatchOutcome = Literal["duplicate", "unchanged", "changed", "conflict", "invalid"]
 
 
 @final
 class BatchResult(msgspec.Struct):
     """What a batch of events did: changed states, settlements to publish, outcomes (one per
-    event, in order), why each ``invalid`` one could not be reconciled, and every new
+    event, in order), why each ``invalid`` or ``conflict`` one goes to the DLQ, and every new
     settlement version in order (the store keeps them all)."""
 
     states: dict[str, InvoiceState]
@@ -337,8 +351,9 @@ def apply_batch(
 ) -> BatchResult:
     """Applies validated events in order to the invoices' current ``states`` (absent: never
     seen). Only the latest new settlement version of each invoice is to be published. An event
-    that cannot be reconciled (an amount beyond exact arithmetic) is ``invalid`` and changes
-    nothing; the rest of the batch goes on."""
+    that cannot be reconciled (an amount beyond exact arithmetic) is ``invalid``, one about
+    another order's invoice a ``conflict`` (:data:`ORDER_CONFLICT`): either changes nothing
+    and the rest of the batch goes on."""
     current: dict[str, InvoiceState] = dict(states)
     changed: dict[str, InvoiceState] = {}
     settlements: dict[str, Settlement] = {}
@@ -354,6 +369,9 @@ def apply_batch(
             rejected[index] = f"cannot reconcile: {type(exc).__name__}"
             continue
         outcomes.append(applied.outcome)
+        if applied.outcome == "conflict":
+            rejected[index] = ORDER_CONFLICT
+            continue
         if applied.outcome == "duplicate":
             continue
         current[key] = changed[key] = applied.state

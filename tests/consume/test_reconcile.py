@@ -537,3 +537,50 @@ def test_a_duplicate_never_bumps_version(data: st.DataObject) -> None:
     applied = apply(state, again, NOW + timedelta(days=1))
     assert applied.outcome == "duplicate"
     assert applied.state == state
+
+
+# --- rule 8: an invoice belongs to the order it was first seen with -------------------------
+
+
+def test_an_event_about_another_orders_invoice_changes_nothing() -> None:
+    first = apply(None, event(payments=(pay("tx", "0.00006262"),)), NOW).state
+    forged = event(order_id="orderB", payments=(pay("forged", "1"),), expected="1", tag="f")
+    applied = apply(first, forged, NOW)
+    assert applied.outcome == "conflict"
+    assert applied.state is first
+    assert first.settlement.order_id == "order123"
+
+
+def test_order_conflicts_go_to_the_dlq_and_the_batch_goes_on() -> None:
+    forged = event(order_id="orderB", payments=(pay("forged", "1"),), tag="f")
+    real = event(payments=(pay("tx", "0.00006262"),))
+    later = event(payments=(pay("tx", "0.00006262"), pay("tx2", "0.00000001")), minutes=5)
+    result = apply_batch({}, [real, forged, later], NOW)
+    assert result.outcomes == ["changed", "conflict", "changed"]
+    assert result.rejected == {1: "order_conflict"}
+    (settlement,) = result.settlements.values()
+    assert (settlement.order_id, settlement.state, settlement.version) == (
+        "order123",
+        "overpaid",
+        2,
+    )
+    assert "forged" not in [p.txid for p in settlement.payments]
+    # Across batches too: the stored state remembers the order.
+    again = apply_batch(result.states, [forged], NOW)
+    assert (again.outcomes, again.rejected, again.states) == (
+        ["conflict"],
+        {0: "order_conflict"},
+        {},
+    )
+
+
+def test_an_order_id_missing_on_either_side_is_no_conflict() -> None:
+    # Crypto POS without a client names no order: the invoice is bound by the first that does.
+    unnamed = apply(None, event(order_id=None, tag="n"), NOW).state
+    named = apply(unnamed, event(order_id="orderA", minutes=1, tag="a"), NOW)
+    assert named.outcome == "changed"
+    assert named.state.order_id() == "orderA"
+    assert apply(named.state, event(order_id=None, minutes=2, tag="n2"), NOW).outcome != "conflict"
+    assert (
+        apply(named.state, event(order_id="orderB", minutes=3, tag="b"), NOW).outcome == "conflict"
+    )
