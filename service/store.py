@@ -83,6 +83,20 @@ TRANSIENT_ERRORS: Final[tuple[type[Exception], ...]] = (
     OSError,
 )
 
+# Failures caused by what a record holds, not by the store being unavailable: the same data
+# fails every time (PostgreSQL refuses a NUL in text: CharacterNotInRepertoireError; a value out
+# of a column's range; a constraint). Caught before TRANSIENT_ERRORS, whose classes some of
+# these subclass: the consumer sends such a record to the DLQ and goes on (DESIGN.md, rule 9).
+DATA_ERRORS: Final[tuple[type[Exception], ...]] = (
+    asyncpg.exceptions.DataError,  # SQLSTATE class 22
+    asyncpg.exceptions.IntegrityConstraintViolationError,  # class 23
+    asyncpg.exceptions._base.DataError,  # a value asyncpg itself cannot send (client side)
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+    UnicodeError,  # text that cannot be encoded (a lone surrogate)
+    OverflowError,  # an integer beyond the column
+)
+
 _UNPUBLISHED: Final = (
     "SELECT o.key, o.version, i.data FROM outbox o JOIN invoices i ON i.key = o.key ORDER BY o.key"
 )

@@ -41,7 +41,7 @@ from service.consume.reconcile import (
 )
 from service.kafka import send_batched
 from service.settings import Settings
-from service.store import Published, Store, Writes
+from service.store import DATA_ERRORS, Published, Store, Writes
 
 log = structlog.get_logger("payhook.consume")
 
@@ -108,6 +108,12 @@ async def bounded(
         return False
     task.result()
     return True
+
+
+def _reason(exc: Exception) -> str:
+    """The store's refusal, for a log line and a DLQ header (no record content beyond what the
+    database quotes, bounded)."""
+    return f"{type(exc).__name__}: {exc}"[:_DLQ_ERROR_MAX]
 
 
 def retrieve(future: asyncio.Future[Any]) -> None:
@@ -243,14 +249,59 @@ class Pipeline:
         keys = {invoice_key(e.provider, e.invoice_id) for e in events}
         published, self._published = self._published, []
         try:
-            staged.writes = await self._store().transact(keys, update, published)
+            try:
+                staged.writes = await self._store().transact(keys, update, published)
+            except DATA_ERRORS as exc:
+                # Some record holds what the store cannot take; the transaction rolled back
+                # whole, so the batch goes again one record at a time to find it.
+                log.warning("batch_refused_by_store", reason=_reason(exc), records=len(events))
+                staged.writes, left = await self._one_by_one(events, now, published)
+                self._published = list(left) + self._published
         except BaseException:
-            self._published = published + self._published  # still to be forgotten
+            # Still to be forgotten (forgetting twice is harmless).
+            self._published = published + self._published
             raise
         for index, reason in staged.writes.rejected.items():
             tp, record = staged.sources[index]
             staged.poison.append((tp, record, reason))
         return staged
+
+    async def _one_by_one(
+        self, events: list[InvoiceEvent], now: datetime, published: Sequence[Published]
+    ) -> tuple[_BatchWrites, Sequence[Published]]:
+        """The batch's events each in its own transaction, in order, so each sees the state the
+        one before it wrote: a record the store refuses for its data is rejected (to the DLQ
+        with the store's reason), the others are applied exactly once. Returns the merged
+        writes and the published entries no transaction took (all of them when none
+        succeeded)."""
+        merged = _BatchWrites()
+        for index, event in enumerate(events):
+
+            def update(
+                states: Mapping[str, InvoiceState], event: InvoiceEvent = event
+            ) -> _BatchWrites:
+                result = apply_batch(states, [event], now)
+                return _BatchWrites(
+                    states=result.states,
+                    outbox=result.settlements,
+                    outcomes=result.outcomes,
+                    rejected=result.rejected,
+                )
+
+            key = invoice_key(event.provider, event.invoice_id)
+            try:
+                one = await self._store().transact({key}, update, published)
+            except DATA_ERRORS as exc:
+                merged.outcomes.append("invalid")
+                merged.rejected[index] = f"store refused: {_reason(exc)}"
+                continue
+            published = ()
+            merged.outcomes += one.outcomes
+            if 0 in one.rejected:
+                merged.rejected[index] = one.rejected[0]
+            merged.states.update(one.states)
+            merged.outbox.update(one.outbox)
+        return merged, published
 
     async def _finish(
         self,
@@ -303,9 +354,11 @@ class Pipeline:
         writes = staged.writes
         m = self.metrics
         processed = duplicates = 0
-        for outcome in writes.outcomes:
+        for index, outcome in enumerate(writes.outcomes):
             if outcome == "duplicate":
                 duplicates += 1
+            elif outcome == "conflict":
+                m.order_conflicts.labels(staged.events[index].provider).inc()
             elif outcome != "invalid":
                 processed += 1
         m.events.labels("processed").inc(processed)
