@@ -284,6 +284,7 @@ class Pipeline:
                 return _BatchWrites(
                     states=result.states,
                     outbox=result.settlements,
+                    history=result.versions,
                     outcomes=result.outcomes,
                     rejected=result.rejected,
                 )
@@ -301,6 +302,7 @@ class Pipeline:
                 merged.rejected[index] = one.rejected[0]
             merged.states.update(one.states)
             merged.outbox.update(one.outbox)
+            merged.history += one.history
         return merged, published
 
     async def _finish(
