@@ -28,6 +28,7 @@ from service.store import TRANSIENT_ERRORS, Store, open_store
 log = structlog.get_logger("payhook.consume")
 
 _RETRY_SECONDS: Final = 1.0
+FETCH_MAX_WAIT_MS: Final = 10
 
 
 @final
@@ -168,7 +169,9 @@ class Consumer:
             client_id="payhook-consumer",
             acks="all",
             enable_idempotence=settings.kafka_idempotence,
-            linger_ms=5,
+            # A batch's settlements are handed over already packed per partition
+            # (send_batched): lingering only delayed them.
+            linger_ms=0,
             max_batch_size=512 * 1024,
             request_timeout_ms=int(settings.commit_timeout * 1000),
         )
@@ -186,7 +189,11 @@ class Consumer:
             auto_offset_reset="earliest",
             session_timeout_ms=settings.consumer_session_timeout_ms,
             heartbeat_interval_ms=max(100, settings.consumer_session_timeout_ms // 4),
-            fetch_max_wait_ms=100,
+            # How long the broker may hold a fetch that finds nothing new. Kafka answers as soon
+            # as a record arrives, but the local broker always waits this long: at 100 ms it was
+            # most of an event's 2xx -> settlement time (p50 39 of 40 ms at 200 webhooks/s).
+            # Cheap either way: a busy consumer's fetches find records at once.
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             max_partition_fetch_bytes=4 * 1024 * 1024,
         )
         consumer.subscribe([settings.events_topic], listener=_Rebalance(self))

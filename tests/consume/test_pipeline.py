@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -17,10 +18,11 @@ from typing import Any
 
 import aiohttp
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from devtools.devbroker import LocalBroker
 from schemas.events import InvoiceEvent
+from service.consume.pipeline import BATCH_INTERVAL
 from service.consume.process import serve
 from service.consume.reconcile import InvoiceState, apply_batch, invoice_key
 from service.kafka import TOPIC_PARTITIONS, encode_event
@@ -321,6 +323,56 @@ async def test_a_failed_store_transaction_commits_nothing_and_the_batch_comes_ag
         assert len(state.facts) == 3
         assert all(s.paid_amount <= Decimal("0.0003") for s in settlements_of(records))
     finally:
+        await store.close()
+
+
+class TimedStore(WrappedStore):
+    """The real store, noting when each transaction (one per batch) starts."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner)
+        self.starts: list[float] = []
+
+    async def before_transact(self) -> None:
+        self.starts.append(time.monotonic())
+
+
+async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
+    consume_settings: Settings,
+) -> None:
+    """While records keep coming, the records of one interval make one batch (a store
+    transaction, a publish, a commit), rather than a batch per fetch a few ms apart."""
+    s = consume_settings
+    store = TimedStore(await open_store(s.store_url))
+    events = [bitfinex_event(f"s{n}", 1, payments=[(f"s{n}", "0.001")]) for n in range(300)]
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
+    try:
+        async with running_consumer(s, store) as consumer:
+            await produce(s, [event_record(events[0])])
+            await wait_for(lambda: consumer.batches == 1, what="the first batch")
+            await producer.start()
+            first = len(store.starts)
+            # One event every 2 ms (a load, not a synchronization): several per interval.
+            for event in events[1:]:
+                key, value, headers = event_record(event)
+                await producer.send(s.events_topic, value, key=key, headers=headers)
+                await asyncio.sleep(0.002)
+            await producer.flush()
+            await wait_for(
+                lambda: (
+                    counter(consumer, "payhook_consumer_events_total", outcome="processed")
+                    == len(events)
+                ),
+                what="every event",
+            )
+        starts = store.starts[first:]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
+        # A batch starts no sooner than the interval after the previous one (the decode before
+        # the transaction varies by microseconds); so far fewer batches than events.
+        assert min(gaps) >= BATCH_INTERVAL - 0.002, sorted(gaps)[:5]
+        assert len(starts) < len(events) / 2
+    finally:
+        await producer.stop()
         await store.close()
 
 
