@@ -79,7 +79,7 @@ class Answer(msgspec.Struct, array_like=True):
     status: int  # 0: no answer (connection refused, reset, timeout)
     event_id: str
     late: float  # how late the generator started it (its own stalls, not the server's)
-    connected: float  # due -> the connection established (the server's accept queue)
+    connected: float | None  # due -> the connection established (None: never)
 
 
 class _Accepted(msgspec.Struct):
@@ -110,7 +110,7 @@ def requests(base: int, count: int) -> list[bytes]:
 async def _one(port: int, request: bytes, due: float, started: float) -> Answer:
     status, event_id = 0, ""
     late = time.perf_counter() - due
-    connected = math.nan
+    connected: float | None = None
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -152,10 +152,15 @@ async def generate(port: int, rate: float, seconds: float, base: int) -> list[An
     return list(await asyncio.gather(*tasks))
 
 
-def generator_main(port: int, rate: float, seconds: float, base: int) -> None:
+class Generated(msgspec.Struct):
+    answers: list[Answer]
+    cpu_seconds: float  # the generator's own
+
+
+def generator_main(port: int, rate: float, seconds: float, base: int, out: Path) -> None:
     answers = uvloop.run(generate(port, rate, seconds, base))
-    sys.stdout.buffer.write(msgspec.json.encode(answers))
-    sys.stdout.buffer.flush()
+    used = os.times()
+    out.write_bytes(msgspec.json.encode(Generated(answers, used.user + used.system)))
 
 
 # --- a bare group join (its own process) -------------------------------------------------------
@@ -204,7 +209,7 @@ class SettlementReader:
             bootstrap_servers=self.bootstrap,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
-            fetch_max_wait_ms=5,
+            fetch_max_wait_ms=10,
         )
         await consumer.start()
         await consumer.topics()
@@ -311,13 +316,22 @@ class Level:
         return percentile([a.late for a in self.measured], q) * 1000
 
     def connected_ms(self, q: float) -> float:
-        return percentile([a.connected for a in self.measured], q) * 1000
+        return percentile([a.connected for a in self.measured if a.connected is not None], q) * 1000
 
     def settle_ms(self, q: float) -> float:
         return percentile(self.settle, q) * 1000
 
 
-async def run_generator(port: int, rate: int, seconds: float, base: int) -> list[Answer]:
+def _take(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    finally:
+        path.unlink(missing_ok=True)
+
+
+async def run_generator(port: int, rate: int, seconds: float, base: int) -> Generated:
+    handle, name = tempfile.mkstemp(prefix="payhook-bench-answers-", suffix=".json")
+    os.close(handle)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -330,13 +344,15 @@ async def run_generator(port: int, rate: int, seconds: float, base: int) -> list
         str(seconds),
         "--base",
         str(base),
-        stdout=asyncio.subprocess.PIPE,
+        "--out",
+        name,
     )
-    out, _ = await process.communicate()
+    await process.wait()
+    out = _take(Path(name))
     if process.returncode != 0:
         raise SystemExit(f"load generator failed ({process.returncode})")
     try:
-        return msgspec.json.decode(out, type=list[Answer])
+        return msgspec.json.decode(out, type=Generated)
     except msgspec.DecodeError as exc:
         raise SystemExit(f"load generator: {len(out)} bytes of output: {exc}") from None
 
@@ -364,6 +380,11 @@ async def settled(
     return times, sum(a.event_id not in reader.seen for a in accepted)
 
 
+def _own_cpu() -> float:
+    used = os.times()
+    return used.user + used.system
+
+
 async def measure_payhook(
     http_port: int,
     consumer_port: int,
@@ -377,10 +398,14 @@ async def measure_payhook(
     serve_before = scrape(http_port, histogram, outcome="accepted")
     consume_before = scrape(consumer_port, e2e)
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    answers = await run_generator(http_port, rate, WARMUP_SECONDS + RUN_SECONDS, base)
+    own_before = _own_cpu()
+    generated = await run_generator(http_port, rate, WARMUP_SECONDS + RUN_SECONDS, base)
+    answers = generated.answers
     serve_after = scrape(http_port, histogram, outcome="accepted")
     times, unsettled = await settled(reader, answers, SETTLE_WITHIN)
     cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+    cpu["generator"] = generated.cpu_seconds
+    cpu["reader"] = _own_cpu() - own_before
     consume_after = scrape(consumer_port, e2e)
     return Level(
         name="payhook",
@@ -494,7 +519,7 @@ async def main(rates: Sequence[int]) -> int:
             reading = asyncio.create_task(reader.run())
             # Events on the topic before the consumer starts: its first settlement is then
             # its start-up, not the wait for a webhook. Serve and the floor warm up meanwhile.
-            warm = await run_generator(http_port, 200, 2.0, 0)
+            warm = (await run_generator(http_port, 200, 2.0, 0)).answers
             await run_generator(floor_port, 200, 2.0, 0)
             join, startup, consume = await measure_startup(
                 broker.bootstrap,
@@ -508,7 +533,7 @@ async def main(rates: Sequence[int]) -> int:
             _, unsettled = await settled(reader, warm, SETTLE_WITHIN)
             if unsettled:
                 raise SystemExit(f"{unsettled} warm-up events never settled")
-            pids = {"serve": serve.pid, "consume": consume.pid}
+            pids = {"serve": serve.pid, "consume": consume.pid, "broker": broker.pid or 0}
             for number, rate in enumerate(rates, start=1):
                 levels.append(
                     await measure_payhook(
@@ -516,14 +541,18 @@ async def main(rates: Sequence[int]) -> int:
                     )
                 )
                 before = cpu_seconds(floor.pid)
-                answers = await run_generator(floor_port, rate, WARMUP_SECONDS + RUN_SECONDS, 0)
-                used = cpu_seconds(floor.pid) - before
+                generated = await run_generator(floor_port, rate, WARMUP_SECONDS + RUN_SECONDS, 0)
+                used = {
+                    "floor": cpu_seconds(floor.pid) - before,
+                    "generator": generated.cpu_seconds,
+                }
+                count = len(generated.answers)
                 levels.append(
                     Level(
                         name="floor",
                         rate=rate,
-                        answers=answers,
-                        cpu_us={"floor": used / len(answers) * 1e6},
+                        answers=generated.answers,
+                        cpu_us={name: cpu / count * 1e6 for name, cpu in used.items()},
                     )
                 )
         finally:
@@ -612,11 +641,12 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=RUN_SECONDS)
     parser.add_argument("--base", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="where the generator writes its answers")
     parser.add_argument("--join", nargs=4, metavar=("BOOTSTRAP", "TOPIC", "GROUP", "SESSION_MS"))
     parser.add_argument("--rates", type=int, nargs="+", default=list(RATES))
     args = parser.parse_args()
     if args.generate:
-        generator_main(args.generate, args.rate, args.seconds, args.base)
+        generator_main(args.generate, args.rate, args.seconds, args.base, args.out)
     elif args.join:
         bootstrap, topic, group, session_ms = args.join
         asyncio.run(bare_join(bootstrap, topic, group, int(session_ms)))

@@ -68,6 +68,11 @@ class LocalBroker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (benchmarks count its CPU time)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
     def start(self) -> None:
         if self.running:
             return
