@@ -141,7 +141,11 @@ def _amount_text(raw: msgspec.Raw, path: tuple[object, ...]) -> str | None:
         return None
     first = data[0]
     if first == 0x22:  # '"': a string, unescaped by msgspec only when it holds an escape
-        text = _STR.decode(data) if b"\\" in data else data[1:-1].decode()
+        try:
+            text = _STR.decode(data) if b"\\" in data else data[1:-1].decode()
+        except (UnicodeDecodeError, msgspec.DecodeError):
+            # The raw text was not checked for UTF-8 by the decoder that cut it out.
+            raise InvalidJson("the body is not valid UTF-8 JSON") from None
         if _DECIMAL_TEXT.fullmatch(text) is None:
             raise _refuse(f"Expected a decimal in ASCII digits, got {text[:32]!r}", path)
         return text

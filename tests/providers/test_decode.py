@@ -214,3 +214,12 @@ def test_deep_nesting_is_invalid_json_not_a_crash(body: bytes) -> None:
         split_cryptopos(b'{"signature": "ab", "data": ' + body + b"}")
     with pytest.raises(InvalidJson, match="nested too deeply"):
         CRYPTOPOS.decode(body)
+
+
+@pytest.mark.parametrize("amount", [b'"1\xff"', b'"\xed\xa0\x80"', b'"1\\u0031\xff"'])
+def test_invalid_utf8_inside_a_string_amount_is_invalid_json_not_a_crash(amount: bytes) -> None:
+    """Found by `make fuzz`: an amount is read from its raw JSON text, which msgspec has not
+    checked for UTF-8 (UnicodeDecodeError, a 500)."""
+    body = encode(bitfinex(amount="@amount@")).replace(b'"@amount@"', amount)
+    with pytest.raises(InvalidJson, match="UTF-8"):
+        BITFINEX.normalize(BITFINEX.decode(body), AT)
