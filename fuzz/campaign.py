@@ -7,7 +7,8 @@ connections, whether serve is alive, its RSS before and after, and whether every
 on the topic decodes as an InvoiceEvent and validates against the JSON Schema. Exit 1 when any
 of those fails.
 
-Settings (environment): ``FUZZ_REQUESTS`` (100000), ``FUZZ_SEED`` (random),
+Settings (environment): ``FUZZ_REQUESTS`` (100000), ``FUZZ_SEED`` (random; it seeds
+schemathesis and the mutation fuzzer, so a seed reproduces a campaign's requests),
 ``FUZZ_CONCURRENCY`` (32), ``FUZZ_SLOW`` (slow-client cases, 300), ``FUZZ_SCHEMATHESIS_SECONDS``
 (120; 0 skips it), ``FUZZ_MAX_SECONDS`` (1800: the mutation campaign stops there).
 """
@@ -185,7 +186,7 @@ def running_serve(broker: LocalBroker, work: Path) -> Iterator[Serve]:
 # --- the campaigns -----------------------------------------------------------------------------
 
 
-def run_schemathesis(serve: Serve, seconds: int, work: Path) -> tuple[bool, str]:
+def run_schemathesis(serve: Serve, seconds: int, seed: int, work: Path) -> tuple[bool, str]:
     """schemathesis over every operation of the OpenAPI document; True when it passed."""
     env = {
         **os.environ,
@@ -214,7 +215,7 @@ def run_schemathesis(serve: Serve, seconds: int, work: Path) -> tuple[bool, str]
         "--workers",
         "2",
         "--seed",
-        str(random.randrange(2**32)),
+        str(seed),
         "--no-color",
     ]
     output = work / "schemathesis.log"
@@ -407,7 +408,7 @@ def main() -> int:
         rss_before = serve.rss()
         st_ok, st_summary = True, "skipped"
         if st_seconds > 0:
-            st_ok, st_summary = run_schemathesis(serve, st_seconds, work)
+            st_ok, st_summary = run_schemathesis(serve, st_seconds, seed, work)
             print(f"fuzz: schemathesis {'passed' if st_ok else 'FAILED'}", flush=True)
         began = time.monotonic()
         tally = asyncio.run(mutation_campaign(serve, total, seed, concurrency, slow, max_seconds))
