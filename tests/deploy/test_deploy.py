@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 import jsonschema
 import kubernetes_validate
@@ -32,7 +32,9 @@ import yaml
 from devtools.devbroker import free_port
 from service.consume.metrics import ConsumerMetrics
 from service.ingest.metrics import IngestMetrics
+from service.ingest.server import READINESS_GRACE
 from service.recover.metrics import RecoverMetrics
+from service.settings import load_settings
 from tests.fixtures_monitoring import (
     ALERT_TESTS,
     ALERTS,
@@ -270,8 +272,58 @@ def test_compose_has_one_serve_two_consumers_on_postgres(compose: dict[str, Any]
             assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
         if service["command"] == ["serve"]:
             assert "PAYHOOK_SIGNING_KEYS" in env
-            assert any(v.endswith(":/var/lib/payhook") for v in service["volumes"]), "spool volume"
+            # the spool directory itself is a named volume (not the container's layer)
+            named = {
+                target: source
+                for source, target, *_ in (v.split(":") for v in service["volumes"])
+                if source in compose["volumes"]
+            }
+            assert env["PAYHOOK_SPOOL_DIR"] in named, "spool on a named volume"
     assert compose["services"]["postgres"]["image"].startswith("postgres:")
+
+
+_ONE_SHOT = {"topics"}
+
+
+def test_compose_every_service_is_health_checked_and_waited_for(compose: dict[str, Any]) -> None:
+    """Every long-running service has a health check; every dependency names its condition:
+    healthy for a long-running one, completed for the one-shot topic creation."""
+    services = compose["services"]
+    for name, service in services.items():
+        check = service.get("healthcheck", {})
+        if name in _ONE_SHOT:
+            assert check.get("disable") is True, name
+            assert service["restart"] == "no", name
+        else:
+            assert check.get("test"), f"{name} has no healthcheck"
+            assert not check.get("disable"), name
+        depends = service.get("depends_on", {})
+        assert isinstance(depends, dict), f"{name}: depends_on without conditions"
+        for dependency, condition in depends.items():
+            expected = (
+                "service_completed_successfully" if dependency in _ONE_SHOT else "service_healthy"
+            )
+            assert condition == {"condition": expected}, (name, dependency)
+    waited = {d for s in services.values() for d in s.get("depends_on", {})}
+    # nothing but the observers themselves goes unwaited-for
+    assert set(services) - waited == {"grafana"}
+
+
+def test_compose_kafka_matches_the_topic_settings(compose: dict[str, Any]) -> None:
+    """One broker: replication 1 everywhere, said so; min.insync.replicas never above it."""
+    kafka = _env(compose["services"]["kafka"])
+    brokers = len(kafka["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(","))
+    assert brokers == 1
+    for name, service in _payhook_services(compose).items():
+        env = _env(service)
+        replication = int(env["PAYHOOK_TOPIC_REPLICATION"])
+        assert replication <= brokers, name
+        assert int(kafka["KAFKA_MIN_INSYNC_REPLICAS"]) <= replication, name
+        assert int(env["PAYHOOK_EVENTS_RETENTION_MS"]) >= 7 * 24 * 3600 * 1000, name
+    assert kafka["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "1"
+    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false", "payhook creates its topics"
+    assert kafka["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
+    assert "replication 1" in COMPOSE.read_text(), "the single-broker choice is stated"
 
 
 def test_compose_prometheus_scrapes_the_payhook_services(compose: dict[str, Any]) -> None:
@@ -478,9 +530,15 @@ def test_manifests_have_every_required_kind(manifests: list[dict[str, Any]]) -> 
     kinds = sorted(m["kind"] for m in manifests)
     assert kinds == sorted(
         ["Namespace", "ConfigMap", "Secret", "ServiceMonitor", "HorizontalPodAutoscaler"]
-        + ["Deployment", "Service", "PodDisruptionBudget"] * 2
+        + ["StatefulSet", "Deployment", "Service"]
+        + ["Service", "PodDisruptionBudget"] * 2
         + ["Deployment", "Service"]  # recover: one replica, no disruption budget
     )
+
+
+def _workloads(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """serve's StatefulSet, the consume and recover Deployments, by name."""
+    return {**_by_kind(manifests, "StatefulSet"), **_by_kind(manifests, "Deployment")}
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -494,6 +552,11 @@ def test_manifests_validate_offline(manifests: list[dict[str, Any]], version: st
     [
         ("Deployment", lambda m: m["spec"]["template"]["spec"].update(restartPolcy="Always")),
         ("Deployment", lambda m: m["spec"].update(replicas="two")),
+        ("StatefulSet", lambda m: m["spec"].update(volumeClaimTemplate=[])),
+        (
+            "StatefulSet",
+            lambda m: m["spec"]["persistentVolumeClaimRetentionPolicy"].update(whenScale="Retain"),
+        ),
         ("HorizontalPodAutoscaler", lambda m: m["spec"].update(maxReplicas=None)),
         ("ServiceMonitor", lambda m: m["spec"]["endpoints"][0].update(intervall="15s")),
         ("ServiceMonitor", lambda m: m["spec"]["endpoints"][0].update(interval="15 seconds")),
@@ -510,8 +573,9 @@ def test_validation_rejects_broken_manifests(
 
 
 def test_deployments_probe_resources_and_security(manifests: list[dict[str, Any]]) -> None:
-    deployments = _by_kind(manifests, "Deployment")
+    deployments = _workloads(manifests)
     assert set(deployments) == {"payhook-serve", "payhook-consume", "payhook-recover"}
+    assert _by_kind(manifests, "StatefulSet").keys() == {"payhook-serve"}
     for name, deployment in deployments.items():
         pod = deployment["spec"]["template"]["spec"]
         (container,) = pod["containers"]
@@ -541,22 +605,123 @@ def test_deployments_probe_resources_and_security(manifests: list[dict[str, Any]
     assert recover["strategy"]["type"] == "Recreate"
     pre_stop = serve["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     config = _by_kind(manifests, "ConfigMap")["payhook-config"]["data"]
-    # the pod gets the preStop pause plus payhook's own shutdown before SIGKILL
+    settings = load_settings({**config, "PAYHOOK_SIGNING_KEYS": "k1:" + "A" * 24})
+    # Before SIGKILL the pod gets the preStop pause, the readiness grace, payhook's shutdown
+    # timeout (in-flight requests and the spool's drain) and the producer's final flush.
     assert (
-        pre_stop + float(config["PAYHOOK_SHUTDOWN_TIMEOUT"])
+        pre_stop + READINESS_GRACE + settings.shutdown_timeout + settings.publish_timeout
         < serve["terminationGracePeriodSeconds"]
     )
     assert config["PAYHOOK_KAFKA_IDEMPOTENCE"] == "true"
 
 
+_QUANTITY: Final = re.compile(r"(\d+)(Ki|Mi|Gi|Ti)?")
+
+
+def parse_quantity(quantity: str) -> int:
+    """Bytes of a Kubernetes quantity with a binary suffix (what these manifests use)."""
+    match = _QUANTITY.fullmatch(quantity)
+    assert match, quantity
+    power = ["", "Ki", "Mi", "Gi", "Ti"].index(match.group(2) or "")
+    return int(match.group(1)) << (10 * power)
+
+
+def _spool_storage(statefulset: dict[str, Any], config: dict[str, str]) -> str:
+    """What holds serve's spool directory: ``claim`` (a volumeClaimTemplate), ``emptyDir``,
+    ``container`` (nothing mounted: the container's own layer) or another volume type."""
+    pod = statefulset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    spool_dir = Path(env.get("PAYHOOK_SPOOL_DIR") or config["PAYHOOK_SPOOL_DIR"])
+    # the innermost mount that holds the directory decides where its files go
+    holders = [
+        m
+        for m in container.get("volumeMounts", [])
+        if spool_dir == Path(m["mountPath"]) or Path(m["mountPath"]) in spool_dir.parents
+    ]
+    if not holders:
+        return "container"
+    mount = max(holders, key=lambda m: len(Path(m["mountPath"]).parts))
+    claims = {t["metadata"]["name"] for t in statefulset["spec"].get("volumeClaimTemplates", [])}
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    if mount["name"] in volumes:
+        # a pod volume shadows a claim template of the same name
+        (kind,) = set(volumes[mount["name"]]) - {"name"}
+        return str(kind)
+    assert mount["name"] in claims, f"mount {mount['name']} names no volume"
+    return "claim"
+
+
+def test_serve_spool_is_on_a_volume_claim_kept_on_scale_down(
+    manifests: list[dict[str, Any]],
+) -> None:
+    serve = _by_kind(manifests, "StatefulSet")["payhook-serve"]
+    config = _by_kind(manifests, "ConfigMap")["payhook-config"]["data"]
+    assert _spool_storage(serve, config) == "claim"
+    (template,) = serve["spec"]["volumeClaimTemplates"]
+    assert template["spec"]["accessModes"] == ["ReadWriteOnce"]
+    settings = load_settings({**config, "PAYHOOK_SIGNING_KEYS": "k1:" + "A" * 24})
+    claim_bytes = parse_quantity(template["spec"]["resources"]["requests"]["storage"])
+    assert claim_bytes > settings.spool_max_bytes
+    # scale-down and deletion keep the claims: a spool is drained, never deleted with its pod
+    assert serve["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenScaled": "Retain",
+        "whenDeleted": "Retain",
+    }
+    # the pod can write there: fsGroup owns the claim
+    assert serve["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001
+
+
+@pytest.mark.parametrize(
+    ("mutate", "storage"),
+    [
+        # the spool in an emptyDir again (what issue 13 replaced)
+        (
+            lambda s: s["spec"]["template"]["spec"]["volumes"].append(
+                {"name": "spool", "emptyDir": {}}
+            ),
+            "emptyDir",
+        ),
+        # the pod's emptyDir mounted at the spool directory instead of the claim
+        (
+            lambda s: s["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0].update(
+                name="tmp"
+            ),
+            "emptyDir",
+        ),
+        # the claim mounted elsewhere
+        (
+            lambda s: s["spec"]["template"]["spec"]["containers"][0]["volumeMounts"][0].update(
+                mountPath="/var/lib/payhook/data"
+            ),
+            "container",
+        ),
+        # the env points the spool somewhere else
+        (
+            lambda s: s["spec"]["template"]["spec"]["containers"][0]["env"].append(
+                {"name": "PAYHOOK_SPOOL_DIR", "value": "/tmp/spool"}  # noqa: S108 - a manifest path
+            ),
+            "emptyDir",
+        ),
+    ],
+)
+def test_spool_storage_check_tells_a_claim_from_the_rest(
+    manifests: list[dict[str, Any]], mutate: Any, storage: str
+) -> None:
+    serve = copy.deepcopy(_by_kind(manifests, "StatefulSet")["payhook-serve"])
+    config = _by_kind(manifests, "ConfigMap")["payhook-config"]["data"]
+    mutate(serve)
+    assert _spool_storage(serve, config) == storage
+
+
 def _pod_labels(manifests: list[dict[str, Any]], component: str) -> dict[str, str]:
-    deployment = _by_kind(manifests, "Deployment")[f"payhook-{component}"]
+    deployment = _workloads(manifests)[f"payhook-{component}"]
     labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
     return labels
 
 
 def test_services_pdbs_and_hpa_point_at_the_deployments(manifests: list[dict[str, Any]]) -> None:
-    deployments = _by_kind(manifests, "Deployment")
+    deployments = _workloads(manifests)
     for component in ("serve", "consume"):
         name = f"payhook-{component}"
         labels = _pod_labels(manifests, component)
@@ -579,15 +744,28 @@ def test_services_pdbs_and_hpa_point_at_the_deployments(manifests: list[dict[str
         )
     (hpa,) = _by_kind(manifests, "HorizontalPodAutoscaler").values()
     target = hpa["spec"]["scaleTargetRef"]
-    assert (target["kind"], target["name"]) == ("Deployment", "payhook-serve")
-    assert hpa["spec"]["minReplicas"] >= 2, "one pod left for a PDB with minAvailable 1"
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1",
+        "StatefulSet",
+        "payhook-serve",
+    )
+    pdb = _by_kind(manifests, "PodDisruptionBudget")["payhook-serve"]
+    assert pdb["spec"]["maxUnavailable"] < hpa["spec"]["minReplicas"], "one pod keeps serving"
+    # scale-down one pod at a time, slowly
+    (policy,) = hpa["spec"]["behavior"]["scaleDown"]["policies"]
+    assert (policy["type"], policy["value"]) == ("Pods", 1)
+    # the StatefulSet's governing Service exists, is headless and selects its pods
+    serve = _by_kind(manifests, "StatefulSet")["payhook-serve"]
+    governing = _by_kind(manifests, "Service")[serve["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["spec"]["selector"].items() <= _pod_labels(manifests, "serve").items()
 
 
 def test_secret_holds_what_the_deployments_reference(manifests: list[dict[str, Any]]) -> None:
     secrets = _by_kind(manifests, "Secret")
     configmaps = _by_kind(manifests, "ConfigMap")
     referenced_keys: set[str] = set()
-    for deployment in _by_kind(manifests, "Deployment").values():
+    for deployment in _workloads(manifests).values():
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         for source in container.get("envFrom", []):
             assert source["configMapRef"]["name"] in configmaps
