@@ -9,6 +9,9 @@ import pytest
 
 from faults.harness import Cluster, Verdict
 
+# The scale-out scenarios share one real PostgreSQL server, a fresh database each.
+from tests.fixtures_postgres import postgres_server, postgres_url  # noqa: F401
+
 VERDICTS = pytest.StashKey[list[Verdict]]()
 
 
