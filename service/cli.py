@@ -88,8 +88,16 @@ _DEFAULTS: Final[dict[str, str]] = {
     "PAYHOOK_RECOVER_INTERVAL": "300",
     "PAYHOOK_RECOVER_LOOKBACK": "172800",
     "PAYHOOK_RECOVER_PORT": "8082",
+    "PAYHOOK_TOPIC_PARTITIONS": "4, at creation only",
+    "PAYHOOK_TOPIC_REPLICATION": "min(3, brokers)",
+    "PAYHOOK_EVENTS_RETENTION_MS": "2592000000 (30 days)",
 }
 _KAFKA: Final = ("PAYHOOK_KAFKA_BOOTSTRAP", "PAYHOOK_TOPIC_PREFIX")
+_TOPIC_SETTINGS: Final = (
+    "PAYHOOK_TOPIC_PARTITIONS",
+    "PAYHOOK_TOPIC_REPLICATION",
+    "PAYHOOK_EVENTS_RETENTION_MS",
+)
 
 
 def _reads(*names: str) -> str:
@@ -152,7 +160,13 @@ def _parser() -> argparse.ArgumentParser:
         ),
         "run the reconciling consumer; it creates or migrates the store's schema at start-up",
     )
-    _add(commands, "topics", "create the Kafka topics that are missing", _KAFKA)
+    _add(
+        commands,
+        "topics",
+        "create the Kafka topics that are missing, with their settings; an existing topic whose "
+        "settings differ is reported on stderr and left unchanged",
+        (*_KAFKA, *_TOPIC_SETTINGS),
+    )
     _add_operator_commands(commands)
     recover = _add(
         commands,
@@ -351,7 +365,7 @@ def _secret(provider: str, order_id: str) -> int:
 
 
 def _topics() -> int:
-    from service.kafka import ensure_topics
+    from service.kafka import ensure_topics, topic_drift
 
     settings = load_settings(require_signing_keys=False)
     results = asyncio.run(ensure_topics(settings))
@@ -362,7 +376,12 @@ def _topics() -> int:
         else:
             failed += 1
             print(f"{topic}: {problem}", file=sys.stderr)
-    return 1 if failed else 0
+    if failed:
+        return 1
+    # An existing topic is never changed behind the operator's back: its differences are said.
+    for topic, drift in asyncio.run(topic_drift(settings)).items():
+        print(f"{topic}: settings differ (left unchanged): {'; '.join(drift)}", file=sys.stderr)
+    return 0
 
 
 def _serve() -> int:

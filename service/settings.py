@@ -66,6 +66,9 @@ class Settings:
     store_url: str = "sqlite:///var/payhook.db"
     spool_dir: Path = field(default_factory=lambda: Path("var/spool"))
     log_format: str = "json"
+    topic_partitions: int = 4
+    topic_replication: int | None = None  # None: min(3, brokers)
+    events_retention_ms: int = 30 * 24 * 3600 * 1000
     # Beyond the documented contract: operational knobs with safe defaults.
     kafka_idempotence: bool = False
     publish_timeout: float = 2.0
@@ -176,6 +179,14 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _retention_ms(env: Mapping[str, str], name: str, default: int) -> int:
+    """Milliseconds, or -1 for "keep forever" (Kafka's own spelling)."""
+    value = _int(env, name, default, minimum=-1)
+    if value == 0:
+        raise SettingsError(f"{name} must be positive (or -1: keep forever), got 0")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -263,6 +274,15 @@ def load_settings(
         store_url=store_url,
         spool_dir=Path(env.get("PAYHOOK_SPOOL_DIR") or "var/spool"),
         log_format=log_format,
+        topic_partitions=_int(env, "PAYHOOK_TOPIC_PARTITIONS", 4, minimum=1),
+        topic_replication=(
+            _int(env, "PAYHOOK_TOPIC_REPLICATION", 0, minimum=1)
+            if env.get("PAYHOOK_TOPIC_REPLICATION")
+            else None
+        ),
+        events_retention_ms=_retention_ms(
+            env, "PAYHOOK_EVENTS_RETENTION_MS", 30 * 24 * 3600 * 1000
+        ),
         kafka_idempotence=_bool(env, "PAYHOOK_KAFKA_IDEMPOTENCE", False),
         publish_timeout=_float(env, "PAYHOOK_PUBLISH_TIMEOUT", 2.0),
         body_timeout=_float(env, "PAYHOOK_BODY_TIMEOUT", 10.0),
