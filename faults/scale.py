@@ -26,6 +26,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from devtools.devbroker import free_port
 from faults.harness import (
     PAYHOOK,
     Cluster,
@@ -36,8 +37,7 @@ from faults.harness import (
     Webhook,
     wait_status,
 )
-from service.devbroker import free_port
-from service.reconcile import InvoiceState
+from service.consume.reconcile import InvoiceState
 
 _STATE: Final = msgspec.json.Decoder(InvoiceState)
 _VERSION: Final = msgspec.json.Decoder(dict[str, object])

@@ -11,6 +11,12 @@ One small interface (:class:`Store`), two implementations:
   serialization failures retry the whole transaction; the update function is pure, so running it
   again is safe.
 
+Publishing is fenced (:meth:`Store.fence`): a settlement version is published only while it is
+still the invoice's stored version, and no newer one can be stored until the publish is
+acknowledged (PostgreSQL: ``FOR SHARE`` on the invoices' rows, which a writer's ``FOR UPDATE``
+waits for). So a version never reaches the (compacted) settlements topic after a newer one of
+the same invoice, whichever consumer stored which.
+
 Each batch is one transaction: it drops outbox entries already published, loads the states of
 the batch's invoices, lets the caller's pure update function compute the new states and
 settlements, and writes both states and the outbox of settlement versions still to publish.
@@ -27,7 +33,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +146,15 @@ class Store(Protocol):
 
     async def mark_published(self, published: Sequence[Published]) -> None: ...
 
+    def fence(
+        self, versions: Mapping[str, int]
+    ) -> contextlib.AbstractAsyncContextManager[set[str]]:
+        """For publishing settlement ``versions`` (invoice key -> version): yields the keys
+        whose stored version is still that one, and keeps a newer version of them from being
+        stored until the block ends. A key left out has a newer version stored, which whoever
+        stored it publishes (after this block)."""
+        ...
+
     async def get(self, key: str) -> InvoiceState | None: ...
 
     async def close(self) -> None: ...
@@ -212,6 +227,14 @@ _SQLITE_FORGET: Final = "DELETE FROM outbox WHERE key = ? AND version = ?"
 _SQLITE_HISTORY: Final = (
     "INSERT INTO settlements (key, version, data) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
 )
+_SQLITE_VERSIONS: Final = (
+    "SELECT key, version FROM invoices WHERE key IN (SELECT value FROM json_each(?))"
+)
+
+
+def _current(versions: Mapping[str, int], stored: Mapping[str, int]) -> set[str]:
+    """The keys of ``versions`` no newer stored version supersedes."""
+    return {key for key, version in versions.items() if stored.get(key, 0) <= version}
 
 
 @contextlib.contextmanager
@@ -336,6 +359,19 @@ class SqliteStore:
         with _immediate(self._conn()) as db:
             db.executemany(_SQLITE_FORGET, published)
 
+    @contextlib.asynccontextmanager
+    async def fence(self, versions: Mapping[str, int]) -> AsyncIterator[set[str]]:
+        # One consumer process (the lock file) whose batches publish in order: reading the
+        # stored versions is the whole fence.
+        stored: dict[str, int] = {}
+        if versions:
+            keys = msgspec.json.encode(list(versions))
+            rows = await self._run(
+                lambda: self._conn().execute(_SQLITE_VERSIONS, (keys,)).fetchall()
+            )
+            stored = dict(rows)
+        yield _current(versions, stored)
+
     async def get(self, key: str) -> InvoiceState | None:
         row = await self._run(
             lambda: (
@@ -387,7 +423,8 @@ class PostgresStore:
 
     @classmethod
     async def open(cls, url: str) -> PostgresStore:
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+        # A batch's transaction, the previous batch's publish fence, and one spare.
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=3)
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
@@ -481,6 +518,21 @@ class PostgresStore:
         if not published:
             return
         await self._pool.execute(_PG_FORGET, *_columns(published))
+
+    @contextlib.asynccontextmanager
+    async def fence(self, versions: Mapping[str, int]) -> AsyncIterator[set[str]]:
+        if not versions:
+            yield set()
+            return
+        # Shared row locks, taken in key order like transact's, held until the publish is
+        # acknowledged: a batch storing a newer version waits for them.
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT key, version FROM invoices WHERE key = ANY($1::text[]) "
+                "ORDER BY key FOR SHARE",
+                sorted(versions),
+            )
+            yield _current(versions, {r["key"]: r["version"] for r in rows})
 
     async def get(self, key: str) -> InvoiceState | None:
         data = await self._pool.fetchval("SELECT data FROM invoices WHERE key = $1", key)

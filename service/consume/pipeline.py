@@ -173,18 +173,23 @@ class Pipeline:
 
     async def publish_outbox(self, producer: AIOKafkaProducer) -> None:
         """Publishes every settlement version stored but not yet published (after a crash)."""
-        items = await self._store().unpublished()
+        store = self._store()
+        items = await store.unpublished()
         if not items:
             return
-        futures = [
-            await producer.send(
-                self.settings.settlements_topic, value=item.settlement, key=item.key.encode()
-            )
-            for item in items
-        ]
-        await acked(futures, self.settings.commit_timeout)
-        await self._store().mark_published([(i.key, i.version) for i in items])
-        log.info("outbox_published", settlements=len(items))
+        # Fenced like a batch's publish: a version another consumer superseded meanwhile is
+        # left to it.
+        async with store.fence({i.key: i.version for i in items}) as current:
+            futures = [
+                await producer.send(
+                    self.settings.settlements_topic, value=item.settlement, key=item.key.encode()
+                )
+                for item in items
+                if item.key in current
+            ]
+            await acked(futures, self.settings.commit_timeout)
+        await store.mark_published([(i.key, i.version) for i in items if i.key in current])
+        log.info("outbox_published", settlements=len(futures))
 
     async def run(
         self,
@@ -357,12 +362,19 @@ class Pipeline:
                 )
             )
         encode = _encoder.encode
-        futures += await send_batched(
-            producer,
-            settings.settlements_topic,
-            ((key.encode(), encode(settlement), []) for key, settlement in writes.outbox.items()),
-        )
-        await acked(futures, settings.commit_timeout)
+        outbox = writes.outbox
+        async with self._store().fence({k: s.version for k, s in outbox.items()}) as current:
+            # Superseded: a later batch (this consumer's next, or another consumer's) stored a
+            # newer version, and publishes it once this fence is left. Publishing this one
+            # would put an older version after it on the compacted topic.
+            for key in outbox.keys() - current:
+                del outbox[key]
+            futures += await send_batched(
+                producer,
+                settings.settlements_topic,
+                ((key.encode(), encode(settlement), []) for key, settlement in outbox.items()),
+            )
+            await acked(futures, settings.commit_timeout)
         published_at = datetime.now(UTC)
         self._published.extend((k, s.version) for k, s in writes.outbox.items())
 

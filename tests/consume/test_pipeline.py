@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -10,13 +11,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -30,6 +32,7 @@ from service.settings import Settings
 from service.store import OutboxItem, Published, Store, W, Writes, open_store
 from tests.fixtures_consume import (
     Record,
+    Records,
     consumer_settings,
     counter,
     event_record,
@@ -263,6 +266,15 @@ class WrappedStore:
     async def before_transact(self) -> None:
         pass
 
+    async def before_fence(self, versions: Mapping[str, int]) -> None:
+        pass
+
+    @contextlib.asynccontextmanager
+    async def fence(self, versions: Mapping[str, int]) -> AsyncIterator[set[str]]:
+        await self.before_fence(versions)
+        async with self.inner.fence(versions) as current:
+            yield current
+
     async def transact(
         self,
         keys: Collection[str],
@@ -398,6 +410,135 @@ async def test_consumer_on_postgres(kafka_settings: Settings, postgres_url: str)
     p = latest_settlements(records)["bitfinex:p"]
     assert (p.paid_amount, p.difference) == (Decimal("0.0011"), Decimal("0.0001"))
     assert [x.txid for x in p.payments] == ["p1", "p2"]
+
+
+class HeldPublishStore(WrappedStore):
+    """The real store; the publish of one invoice's settlement waits at the fence's door, and
+    every later transaction with it, until the test lets it in (a consumer that stored a
+    version, then stalled before publishing it)."""
+
+    def __init__(self, inner: Store, key: str) -> None:
+        super().__init__(inner)
+        self.key = key
+        self.at_door = asyncio.Event()
+        self.let_in = asyncio.Event()
+
+    async def before_fence(self, versions: Mapping[str, int]) -> None:
+        if self.key in versions and not self.let_in.is_set():
+            self.at_door.set()
+            await self.let_in.wait()
+
+    async def before_transact(self) -> None:
+        # Stalled: the batches this consumer reads meanwhile wait too.
+        if self.at_door.is_set():
+            await self.let_in.wait()
+
+
+async def test_two_consumers_racing_over_one_invoice_never_publish_an_older_version_last(
+    kafka_settings: Settings, postgres_url: str
+) -> None:
+    """Two consumers (two groups: both read every event) share one PostgreSQL store. A stores
+    version 1 of an invoice and stalls before publishing it. B starts: it publishes the
+    outbox's version 1 (still the current one), skips that event (a duplicate), stores and
+    publishes version 2. When A goes on, its version 1 is superseded and not published again
+    after version 2: the compacted topic's last record of the invoice is version 2."""
+    a_settings = consumer_settings(kafka_settings, store_url=postgres_url)
+    b_settings = consumer_settings(
+        kafka_settings, store_url=postgres_url, consumer_group=f"{a_settings.consumer_group}-b"
+    )
+    key = invoice_key("bitfinex", "race")
+    first = bitfinex_event("race", 1, status="pending", payments=[("r1", "0.0005")])
+    second = bitfinex_event("race", 2, payments=[("r1", "0.0005"), ("r2", "0.0005")])
+    a_store = HeldPublishStore(await open_store(postgres_url), key)
+
+    def has_version_2(rs: Records) -> bool:
+        return any(s.invoice_id == "race" and s.version == 2 for s in settlements_of(rs))
+
+    try:
+        async with running_consumer(a_settings, a_store):
+            try:
+                await produce(a_settings, [event_record(first)])
+                await asyncio.wait_for(a_store.at_door.wait(), 30)  # A stored version 1
+                state = await a_store.get(key)
+                assert state is not None
+                assert state.settlement.version == 1
+                async with running_consumer(b_settings) as b:
+                    await produce(b_settings, [event_record(second)])
+                    await read_topic(b_settings, b_settings.settlements_topic, has_version_2)
+                    await wait_for(
+                        lambda: (
+                            counter(b, "payhook_consumer_events_total", outcome="duplicate") == 1
+                        ),
+                        what="B skipping the event A stored",
+                    )
+            finally:
+                a_store.let_in.set()
+            # A goes on: its stalled batch commits without publishing the superseded version,
+            # and the next settlement A publishes comes after it on the topic.
+            third = bitfinex_event("race-after", 1, payments=[("r3", "0.001")])
+            await produce(a_settings, [event_record(third)])
+            records = await read_topic(
+                a_settings,
+                a_settings.settlements_topic,
+                lambda rs: any(r.key == b"bitfinex:race-after" for r in rs),
+            )
+        versions = [s.version for s in settlements_of(records) if s.invoice_id == "race"]
+        assert versions == [1, 2]
+        assert latest_settlements(records)[key].paid_amount == Decimal("0.001")
+    finally:
+        await a_store.close()
+
+
+async def test_a_postgres_fence_holds_back_a_newer_version_until_the_publish_is_done(
+    postgres_url: str,
+) -> None:
+    """While one consumer publishes version 1 inside the fence, another consumer's batch that
+    would store version 2 waits for it (a row lock, seen in pg_locks); it stores version 2 once
+    the fence is left."""
+    stores = [await open_store(postgres_url), await open_store(postgres_url)]
+    key = invoice_key("bitfinex", "fenced")
+    try:
+
+        def apply(*events: InvoiceEvent) -> Callable[[Mapping[str, InvoiceState]], Writes]:
+            def update(states: Mapping[str, InvoiceState]) -> Writes:
+                result = apply_batch(states, events, T0)
+                return Writes(states=result.states, outbox=result.settlements)
+
+            return update
+
+        await stores[0].transact(
+            [key], apply(bitfinex_event("fenced", 1, payments=[("f1", "0.001")]))
+        )
+        async with stores[0].fence({key: 1, "bitfinex:unknown": 1}) as current:
+            assert current == {key, "bitfinex:unknown"}
+            writer = asyncio.create_task(
+                stores[1].transact(
+                    [key], apply(bitfinex_event("fenced", 2, payments=[("f2", "0.001")]))
+                )
+            )
+            conn = await asyncpg.connect(postgres_url)
+            try:
+                waiting = 0
+                deadline = time.monotonic() + 10
+                while not waiting:  # until the writer's FOR UPDATE waits on the fence's lock
+                    assert not writer.done()
+                    assert time.monotonic() < deadline, "the writer never waited on the fence"
+                    waiting = await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'tuple'"
+                        " OR (NOT granted AND locktype = 'transactionid')"
+                    )
+            finally:
+                await conn.close()
+        writes = await asyncio.wait_for(writer, 10)
+        assert writes.outbox[key].version == 2
+        # Version 1 is superseded now: a late publisher of it is fenced out.
+        async with stores[1].fence({key: 1}) as current:
+            assert current == set()
+        async with stores[1].fence({key: 2}) as current:
+            assert current == {key}
+    finally:
+        for store in stores:
+            await store.close()
 
 
 class GatedStore(WrappedStore):
