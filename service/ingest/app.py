@@ -11,11 +11,13 @@ they dispatch through the registry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, final
 
@@ -41,12 +43,21 @@ log = structlog.get_logger("payhook.http")
 access = request_logger("payhook.http")
 
 
+@final
+@dataclass(slots=True)
+class Shutdown:
+    """When a graceful shutdown must be over (the event loop's clock), once one started."""
+
+    deadline: float | None = None
+
+
 SETTINGS: Final = web.AppKey("settings", Settings)
 METRICS: Final = web.AppKey("metrics", IngestMetrics)
 PUBLISHER: Final = web.AppKey("publisher", Publisher)
 SPOOL: Final = web.AppKey("spool", Spool)
 LIMITER: Final = web.AppKey("limiter", FailureLimiter)
 READINESS: Final = web.AppKey("readiness", Readiness)
+SHUTDOWN: Final = web.AppKey("shutdown", Shutdown)
 
 WEBHOOK_PREFIX: Final = "/v1/webhooks/"
 _JSON: Final = "application/json"
@@ -369,14 +380,37 @@ async def _kafka(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _drainer(app: web.Application) -> AsyncIterator[None]:
-    """Republishes spooled events (a previous process's included) whenever Kafka answers."""
-    task = asyncio.create_task(drain_forever(app[SPOOL], app[PUBLISHER]), name="spool-drainer")
+    """Republishes spooled events (a previous process's included) whenever Kafka answers; at
+    shutdown, once no request is in flight, goes on until the spool is empty or the shutdown
+    deadline, and says what it leaves behind."""
+    spool = app[SPOOL]
+    task = asyncio.create_task(drain_forever(spool, app[PUBLISHER]), name="spool-drainer")
     yield
+    deadline = app[SHUTDOWN].deadline
+    loop = asyncio.get_running_loop()
+    if deadline is None:  # cleaned up without a shutdown: a start-up that failed
+        deadline = loop.time()
+    if spool.holds_events and deadline > loop.time():
+        log.info("spool_draining_before_exit", depth=spool.depth)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await spool.wait_empty()
     await cancel_and_wait(task)
+    if spool.depth:
+        # Acknowledged, fsynced, and not in Kafka: the next start on this directory drains them
+        # first (the volume outlives the pod), or `payhook spool drain` does.
+        log.warning(
+            "spool_left_behind",
+            depth=spool.depth,
+            directory=str(spool.directory.resolve()),
+            oldest_age_seconds=round(spool.oldest_age(), 1),
+        )
 
 
 async def _on_shutdown(app: web.Application) -> None:
     app[READINESS].shut_down()
+    # PAYHOOK_SHUTDOWN_TIMEOUT covers the requests in flight and then the spool's drain.
+    app[SHUTDOWN].deadline = asyncio.get_running_loop().time() + app[SETTINGS].shutdown_timeout
 
 
 async def _mark_ready(app: web.Application) -> None:
@@ -394,6 +428,7 @@ def create_app(settings: Settings) -> web.Application:
     app[PUBLISHER] = Publisher(settings, metrics, app[SPOOL])
     app[LIMITER] = FailureLimiter(settings.auth_failure_budget)
     app[READINESS] = metrics.readiness
+    app[SHUTDOWN] = Shutdown()
     app.cleanup_ctx.append(_spool)
     app.cleanup_ctx.append(_kafka)
     app.cleanup_ctx.append(_drainer)

@@ -51,6 +51,18 @@ class IngestMetrics:
         self.spool_drained = Counter(
             "payhook_spool_drained_events", "Spooled events republished to Kafka", registry=r
         )
+        # Set once at start: what a previous process left in this spool (it stopped with events
+        # Kafka had not taken). They survive that process's series, so an alert can see them.
+        self.spool_recovered = Gauge(
+            "payhook_spool_recovered_events",
+            "Events found in the spool at start, left by a previous process (drained first)",
+            registry=r,
+        )
+        self.spool_recovered_at = Gauge(
+            "payhook_spool_recovered_timestamp_seconds",
+            "When this process found events left in its spool (unix time; 0: none found)",
+            registry=r,
+        )
         self.readiness = Readiness(r)
 
     def render(self) -> bytes:

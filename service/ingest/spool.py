@@ -166,6 +166,9 @@ class Spool:
         self._update_state()
         if self._metrics is not None:
             self._metrics.spool_oldest_age.set_function(self.oldest_age)
+            if self._entries:
+                self._metrics.spool_recovered.set(len(self._entries))
+                self._metrics.spool_recovered_at.set(self._clock())
         self._writer = asyncio.create_task(self._write_loop(), name="spool-writer")
 
     async def close(self) -> None:

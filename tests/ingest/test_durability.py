@@ -4,9 +4,11 @@ graceful SIGTERM. Against real Tansu brokers of our own (the session broker is s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -268,3 +270,103 @@ async def test_sigterm_readiness_first_inflight_finishes_exit_zero(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON log lines ``payhook serve`` wrote (others, if any, are skipped)."""
+    lines: list[dict[str, Any]] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+async def metric(http: ClientSession, base: str, name: str) -> float:
+    async with http.get(f"{base}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not on /metrics")
+
+
+async def test_sigterm_with_kafka_unreachable_leaves_the_spool_to_the_next_start(
+    own_broker: LocalBroker, settings_factory: SettingsFactory, http: ClientSession, tmp_path: Path
+) -> None:
+    """Kafka is gone with events in the spool: on SIGTERM serve keeps trying until its shutdown
+    timeout, then says how many it leaves and where, and exits 0. The next start on the same
+    directory drains them before anything accepted after it (one invoice: one partition, in
+    order) and shows on /metrics that it found them."""
+    settings = settings_factory(kafka_bootstrap=own_broker.bootstrap)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    shutdown_timeout = 5.0  # serve_env's PAYHOOK_SHUTDOWN_TIMEOUT
+
+    async def start() -> asyncio.subprocess.Process:
+        with log.open("ab") as out:
+            return await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).with_name("payhook")),
+                "serve",
+                env=serve_env(settings, port),
+                stdout=out,
+                stderr=out,
+            )
+
+    async def accept(status: str) -> str:
+        body = webhook("o-left", status=status, invoice="inv-left")
+        async with await post(http_client, settings, "o-left", body) as response:
+            assert response.status == 200, await response.text()
+            event_id: str = (await response.json())["event_id"]
+            return event_id
+
+    http_client = _BaseUrl(http, base)
+    proc = await start()
+    try:
+        await wait_status(http, f"{base}/readyz", 200)
+        own_broker.stop()  # Kafka unreachable: what is accepted now is only in the spool
+        left = [await accept(status) for status in ("CREATED", "PENDING", "COMPLETED")]
+        assert await metric(http, base, "payhook_spool_depth") == 3
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        # it kept trying for the whole shutdown timeout (after the 1 s readiness grace)
+        assert time.monotonic() - started >= shutdown_timeout
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    events = log_events(log)
+    names = [e["event"] for e in events]
+    draining = names.index("spool_draining_before_exit")
+    assert "spool_drain_failed" in names[draining:], "no attempt during the shutdown"
+    (behind,) = [e for e in events if e["event"] == "spool_left_behind"]
+    assert behind["level"] == "warning"
+    assert behind["depth"] == 3
+    assert behind["directory"] == str(settings.spool_dir.resolve())
+    assert names.index("spool_left_behind") > draining
+
+    own_broker.start()  # an empty broker: serve creates the topics again at start
+    proc = await start()
+    try:
+        await wait_status(http, f"{base}/readyz", 200)
+        assert await metric(http, base, "payhook_spool_recovered_events") == 3
+        assert await metric(http, base, "payhook_spool_recovered_timestamp_seconds") > 0
+        after = await accept("EXPIRED")
+        records = await read_records(own_broker.bootstrap, settings.events_topic, 4, within=30)
+        assert distinct(event_ids(records)) == [*left, after]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert "spool_left_behind" not in [e["event"] for e in log_events(log)][len(events) :]
+
+
+class _BaseUrl:
+    """``post`` takes a test client (paths relative to the server): this one prefixes them."""
+
+    def __init__(self, http: ClientSession, base: str) -> None:
+        self._http = http
+        self._base = base
+
+    def post(self, path: str, **kwargs: Any) -> Any:
+        return self._http.post(self._base + path, **kwargs)
