@@ -405,7 +405,9 @@ class Spool:
         last = self._entries[count - 1]
         for _ in range(count):
             self._entries.popleft()
-        first_live = self._entries[0].seq if self._entries else last.seq
+        # Drained: every segment up to the last acknowledged one goes (a recovered segment too;
+        # the active one, still written to, only as below).
+        first_live = self._entries[0].seq if self._entries else last.seq + 1
         retire = [s for s in self._segments if s < first_live and s != self._active_seq]
         close_fd: int | None = None
         if not self.holds_events and self._active_seq is not None:
