@@ -11,8 +11,8 @@ import structlog
 from aiohttp import web
 
 from service.consume.pipeline import bounded
-from service.consume.probes import create_probe_app
 from service.consume.supervisor import Consumer
+from service.probes import create_probe_app
 from service.settings import Settings
 from service.tasks import cancel_and_wait
 
@@ -22,7 +22,7 @@ log = structlog.get_logger("payhook.consume")
 async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """Runs the consumer and its probes until ``stop``; 0 after a clean finish."""
     consumer = Consumer(settings)
-    runner = web.AppRunner(create_probe_app(consumer), access_log=None)
+    runner = web.AppRunner(create_probe_app(consumer.metrics), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.consumer_port)
     await site.start()

@@ -16,9 +16,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final, Protocol, TypeVar, final
+from urllib.parse import quote
 
 import aiohttp
+
+from schemas.events import InvoiceEvent
+from service.errors import PayhookError
 
 T = TypeVar("T")
 
@@ -198,3 +203,103 @@ async def request(
         raise Unavailable(provider, f"no answer within {timeout:g} s") from None
     except aiohttp.ClientError as exc:
         raise Unavailable(provider, f"connection failed ({type(exc).__name__})") from None
+
+
+def _ignore(outcome: str) -> None:
+    pass
+
+
+@final
+class StatusApi:
+    """One invoice read back with ``GET {base}{invoice_id}`` (CryptoSteroid, Crypto POS).
+
+    The answer goes through the provider's ``to_event`` (its notification's own decoder and
+    normalization; a :class:`~service.errors.PayhookError` it raises is :class:`Undecodable`),
+    and the request is retried while it is unavailable, rate limited or malformed.
+    ``on_request`` counts each request's outcome."""
+
+    __slots__ = (
+        "_base",
+        "_clock",
+        "_headers",
+        "_on_request",
+        "_policy",
+        "_provider",
+        "_session",
+        "_settings",
+        "_to_event",
+    )
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        provider: str,
+        settings: str,
+        base: str,
+        headers: dict[str, str],
+        to_event: Callable[[bytes, str, datetime], InvoiceEvent],
+        clock: Clock,
+        policy: RetryPolicy,
+        on_request: Callable[[str], None] | None = None,
+    ) -> None:
+        self._session = session
+        self._provider = provider
+        # The credentials' setting names, for the error that refuses them.
+        self._settings = settings
+        self._base = base
+        self._headers = headers
+        self._to_event = to_event
+        self._clock = clock
+        self._policy = policy
+        self._on_request = on_request or _ignore
+
+    async def fetch(self, invoice_id: str, received_at: datetime) -> InvoiceEvent:
+        """The invoice as the provider holds it now, retried while unavailable or malformed."""
+
+        async def once() -> InvoiceEvent:
+            body = await self._get(invoice_id)
+            try:
+                return self._to_event(body, invoice_id, received_at)
+            except Undecodable:
+                self._on_request("undecodable")
+                raise
+            except PayhookError as exc:
+                reason = exc.detail[:200]
+            except RecursionError:
+                reason = "JSON is nested too deeply"
+            self._on_request("undecodable")
+            raise Undecodable(self._provider, reason) from None
+
+        return await with_retries(
+            once, self._policy, self._clock, lambda exc: self._on_request("retry")
+        )
+
+    async def _get(self, invoice_id: str) -> bytes:
+        provider = self._provider
+        try:
+            status, headers, body = await request(
+                provider,
+                self._session,
+                "GET",
+                self._base + quote(invoice_id, safe=""),
+                headers=self._headers,
+                timeout=self._policy.timeout,
+            )
+        except ApiError:
+            self._on_request("unavailable")
+            raise
+        if status == 200:
+            self._on_request("ok")
+            return body
+        if status in (401, 403):
+            self._on_request("refused")
+            raise CredentialsRejected(provider, f"HTTP {status}: check {self._settings}")
+        if status == 429:
+            self._on_request("rate_limited")
+            raise RateLimited(provider, "rate limited", retry_after(headers))
+        if status == 404:
+            self._on_request("not_found")
+            raise InvoiceUnavailable(provider, "the provider does not know this invoice (404)")
+        self._on_request("unavailable")
+        raise Unavailable(provider, f"HTTP {status}")

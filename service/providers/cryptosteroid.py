@@ -25,20 +25,7 @@ import msgspec
 
 from schemas.events import InvoiceEvent, InvoiceStatus, Origin, Payment
 from schemas.providers import CryptoSteroidInvoice
-from service.errors import PayhookError
-from service.providers.api import (
-    ApiError,
-    Clock,
-    CredentialsRejected,
-    InvoiceUnavailable,
-    RateLimited,
-    RetryPolicy,
-    Unavailable,
-    Undecodable,
-    request,
-    retry_after,
-    with_retries,
-)
+from service.providers.api import Clock, RetryPolicy, StatusApi, Undecodable
 from service.providers.normalize import (
     EPOCH,
     amount,
@@ -173,76 +160,30 @@ SETTINGS: Final = "PAYHOOK_CRYPTOSTEROID_API_KEY and PAYHOOK_CRYPTOSTEROID_MERCH
 
 def to_event(body: bytes, invoice_id: str, received_at: datetime) -> InvoiceEvent:
     """The answer through the notification's decoder and normalization."""
-    try:
-        invoice = CRYPTOSTEROID.decode(body)
-        if invoice.invoiceId != invoice_id:
-            raise Undecodable(PROVIDER, "the answer is about another invoice")
-        return CRYPTOSTEROID.normalize(invoice, received_at, "recovery")
-    except PayhookError as exc:
-        raise Undecodable(PROVIDER, exc.detail[:200]) from None
-    except RecursionError:
-        raise Undecodable(PROVIDER, "JSON is nested too deeply") from None
+    invoice = CRYPTOSTEROID.decode(body)
+    if invoice.invoiceId != invoice_id:
+        raise Undecodable(PROVIDER, "the answer is about another invoice")
+    return CRYPTOSTEROID.normalize(invoice, received_at, "recovery")
 
 
-@final
-class CryptoSteroidApi:
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        *,
-        url: str,
-        key: Secret,
-        merchant_id: str,
-        clock: Clock,
-        policy: RetryPolicy,
-        on_request: Callable[[str], None] | None = None,
-    ) -> None:
-        self._session = session
-        self._base = f"{url.rstrip('/')}/merchants/{quote(merchant_id, safe='')}/invoices/"
-        self._key = key
-        self._clock = clock
-        self._policy = policy
-        self._on_request = on_request or (lambda outcome: None)
-
-    async def fetch(self, invoice_id: str, received_at: datetime) -> InvoiceEvent:
-        """The invoice as the provider holds it now, retried while unavailable or malformed."""
-
-        async def once() -> InvoiceEvent:
-            body = await self._get(invoice_id)
-            try:
-                return to_event(body, invoice_id, received_at)
-            except Undecodable:
-                self._on_request("undecodable")
-                raise
-
-        return await with_retries(
-            once, self._policy, self._clock, lambda exc: self._on_request("retry")
-        )
-
-    async def _get(self, invoice_id: str) -> bytes:
-        try:
-            status, headers, body = await request(
-                PROVIDER,
-                self._session,
-                "GET",
-                self._base + quote(invoice_id, safe=""),
-                headers={"X-Api-Key": self._key.reveal().decode(), "Accept": "application/json"},
-                timeout=self._policy.timeout,
-            )
-        except ApiError:
-            self._on_request("unavailable")
-            raise
-        if status == 200:
-            self._on_request("ok")
-            return body
-        if status in (401, 403):
-            self._on_request("refused")
-            raise CredentialsRejected(PROVIDER, f"HTTP {status}: check {SETTINGS}")
-        if status == 429:
-            self._on_request("rate_limited")
-            raise RateLimited(PROVIDER, "rate limited", retry_after(headers))
-        if status == 404:
-            self._on_request("not_found")
-            raise InvoiceUnavailable(PROVIDER, "the provider does not know this invoice (404)")
-        self._on_request("unavailable")
-        raise Unavailable(PROVIDER, f"HTTP {status}")
+def status_api(
+    session: aiohttp.ClientSession,
+    *,
+    url: str,
+    key: Secret,
+    merchant_id: str,
+    clock: Clock,
+    policy: RetryPolicy,
+    on_request: Callable[[str], None] | None = None,
+) -> StatusApi:
+    return StatusApi(
+        session,
+        provider=PROVIDER,
+        settings=SETTINGS,
+        base=f"{url.rstrip('/')}/merchants/{quote(merchant_id, safe='')}/invoices/",
+        headers={"X-Api-Key": key.reveal().decode(), "Accept": "application/json"},
+        to_event=to_event,
+        clock=clock,
+        policy=policy,
+        on_request=on_request,
+    )

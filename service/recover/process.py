@@ -23,15 +23,14 @@ import structlog
 from aiohttp import web
 
 from schemas.events import PROVIDERS, InvoiceEvent, Provider
-from service.providers.api import Clock, LoopClock, RetryPolicy
+from service.probes import create_probe_app
+from service.providers import cryptopos, cryptosteroid
+from service.providers.api import Clock, LoopClock, RetryPolicy, StatusApi
 from service.providers.bitfinex import BitfinexApi
-from service.providers.cryptopos import CryptoPosApi
-from service.providers.cryptosteroid import CryptoSteroidApi
 from service.recover.metrics import RecoverMetrics
-from service.recover.probes import create_probe_app
 from service.recover.publisher import EventPublisher
-from service.recover.sweep import RefreshApi, Summary, Sweeper
-from service.settings import RECOVERY_SETTINGS, Settings, recovery_missing
+from service.recover.sweep import Summary, Sweeper
+from service.settings import RECOVERY_SETTINGS, Secret, Settings, recovery_missing
 from service.store import StoreError
 from service.store_reader import StoreReader, open_reader
 from service.tasks import cancel_and_wait
@@ -100,32 +99,39 @@ async def recovery(
                 policy=policy,
                 on_request=counting("bitfinex"),
             )
-        refresh: dict[Provider, RefreshApi] = {}
-        if not missing["cryptosteroid"]:
-            assert settings.cryptosteroid_api_url is not None
-            assert settings.cryptosteroid_api_key is not None
-            assert settings.cryptosteroid_merchant_id is not None
-            refresh["cryptosteroid"] = CryptoSteroidApi(
+        refresh: dict[Provider, StatusApi] = {}
+        status_apis: list[
+            tuple[Provider, Callable[..., StatusApi], str | None, Secret | None, str | None]
+        ] = [
+            (
+                "cryptosteroid",
+                cryptosteroid.status_api,
+                settings.cryptosteroid_api_url,
+                settings.cryptosteroid_api_key,
+                settings.cryptosteroid_merchant_id,
+            ),
+            (
+                "cryptopos",
+                cryptopos.status_api,
+                settings.cryptopos_api_url,
+                settings.cryptopos_api_key,
+                settings.cryptopos_merchant_id,
+            ),
+        ]
+        for provider, status_api, url, key, merchant_id in status_apis:
+            if missing[provider]:
+                continue
+            assert url is not None
+            assert key is not None
+            assert merchant_id is not None
+            refresh[provider] = status_api(
                 session,
-                url=settings.cryptosteroid_api_url,
-                key=settings.cryptosteroid_api_key,
-                merchant_id=settings.cryptosteroid_merchant_id,
+                url=url,
+                key=key,
+                merchant_id=merchant_id,
                 clock=clock,
                 policy=policy,
-                on_request=counting("cryptosteroid"),
-            )
-        if not missing["cryptopos"]:
-            assert settings.cryptopos_api_url is not None
-            assert settings.cryptopos_api_key is not None
-            assert settings.cryptopos_merchant_id is not None
-            refresh["cryptopos"] = CryptoPosApi(
-                session,
-                url=settings.cryptopos_api_url,
-                key=settings.cryptopos_api_key,
-                merchant_id=settings.cryptopos_merchant_id,
-                clock=clock,
-                policy=policy,
-                on_request=counting("cryptopos"),
+                on_request=counting(provider),
             )
         started = time.time()
         for provider in PROVIDERS:

@@ -24,10 +24,8 @@ from typing import Final, Protocol, final
 import structlog
 
 from schemas.events import InvoiceEvent, Provider
-from service.providers.api import ApiError, CredentialsRejected
+from service.providers.api import ApiError, CredentialsRejected, StatusApi
 from service.providers.bitfinex import BitfinexApi
-from service.providers.cryptopos import CryptoPosApi
-from service.providers.cryptosteroid import CryptoSteroidApi
 
 log = structlog.get_logger("payhook.recover")
 
@@ -59,7 +57,6 @@ class PublishFailed(RuntimeError):
 
 # Publishes with acks=all, or raises PublishFailed.
 Publish = Callable[[Sequence[InvoiceEvent]], Awaitable[None]]
-RefreshApi = CryptoSteroidApi | CryptoPosApi
 
 
 @dataclass(slots=True)
@@ -126,7 +123,7 @@ class Sweeper:
         publish: Publish,
         lookback: float,
         bitfinex: BitfinexApi | None = None,
-        refresh: dict[Provider, RefreshApi] | None = None,
+        refresh: dict[Provider, StatusApi] | None = None,
         missing: dict[Provider, tuple[str, ...]] | None = None,
         wall: Callable[[], datetime] | None = None,
         on_summary: Callable[[Summary], None] | None = None,
@@ -194,7 +191,7 @@ class Sweeper:
         return events
 
     async def _refreshed(
-        self, api: RefreshApi, summary: Summary, now: datetime
+        self, api: StatusApi, summary: Summary, now: datetime
     ) -> list[InvoiceEvent]:
         invoice_ids = await self._store.refreshable(
             summary.provider, REFRESH_STATES, now - self._lookback

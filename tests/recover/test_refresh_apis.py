@@ -10,16 +10,21 @@ import msgspec
 import pytest
 
 from devtools.devbroker import free_port
-from service.providers.api import ApiError, CredentialsRejected, InvoiceUnavailable, Unavailable
-from service.providers.cryptopos import CRYPTOPOS, CryptoPosApi
-from service.providers.cryptosteroid import CryptoSteroidApi
+from service.providers import cryptopos, cryptosteroid
+from service.providers.api import (
+    ApiError,
+    CredentialsRejected,
+    InvoiceUnavailable,
+    StatusApi,
+    Unavailable,
+)
+from service.providers.cryptopos import CRYPTOPOS
 from service.settings import Secret
 from tests.recover.conftest import (
     CS_KEY,
     CS_MERCHANT,
     FAST_POLICY,
     POS_KEY,
-    POS_MERCHANT,
     Serve,
 )
 from tests.recover.simulators import (
@@ -33,53 +38,38 @@ from tests.recover.simulators import (
 )
 
 RECEIVED = datetime(2026, 12, 1, tzinfo=UTC)
-Api = CryptoSteroidApi | CryptoPosApi
+Simulator = CryptoSteroidSimulator | CryptoPosSimulator
 
 
-async def cryptosteroid(
+async def started(
     serve: Serve,
-    sim: CryptoSteroidSimulator,
+    sim: Simulator,
     clock: ManualClock,
     http: aiohttp.ClientSession,
     *,
-    key: str = CS_KEY,
-) -> tuple[CryptoSteroidApi, str]:
-    sim.invoices["cs-0001"] = cryptosteroid_invoice(
-        1, "WAITING", "40.25", updated_at="2026-11-30T10:05:00Z", hashes=["h1"]
-    )
-    url = await serve(sim.app())
-    api = CryptoSteroidApi(
+    key: str | None = None,
+) -> tuple[StatusApi, str]:
+    """The simulator holding one invoice, started; its client (with ``key``, or the right
+    one) and that invoice's id."""
+    if isinstance(sim, CryptoSteroidSimulator):
+        invoice_id, status_api = "cs-0001", cryptosteroid.status_api
+        sim.invoices[invoice_id] = cryptosteroid_invoice(
+            1, "WAITING", "40.25", updated_at="2026-11-30T10:05:00Z", hashes=["h1"]
+        )
+    else:
+        invoice_id, status_api = "pos-0001", cryptopos.status_api
+        sim.invoices[invoice_id] = cryptopos_invoice(
+            1, [("0xa", "10.5", "2026-11-30T10:01:00.000Z"), ("0xb", "5", "2026-11-30T10:02:00Z")]
+        )
+    api = status_api(
         http,
-        url=url,
-        key=Secret(key.encode()),
-        merchant_id=CS_MERCHANT,
+        url=await serve(sim.app()),
+        key=Secret((key or sim.api_key).encode()),
+        merchant_id=sim.merchant_id,
         clock=clock,
         policy=FAST_POLICY,
     )
-    return api, "cs-0001"
-
-
-async def cryptopos(
-    serve: Serve,
-    sim: CryptoPosSimulator,
-    clock: ManualClock,
-    http: aiohttp.ClientSession,
-    *,
-    key: str = POS_KEY,
-) -> tuple[CryptoPosApi, str]:
-    sim.invoices["pos-0001"] = cryptopos_invoice(
-        1, [("0xa", "10.5", "2026-11-30T10:01:00.000Z"), ("0xb", "5", "2026-11-30T10:02:00Z")]
-    )
-    url = await serve(sim.app())
-    api = CryptoPosApi(
-        http,
-        url=url,
-        key=Secret(key.encode()),
-        merchant_id=POS_MERCHANT,
-        clock=clock,
-        policy=FAST_POLICY,
-    )
-    return api, "pos-0001"
+    return api, invoice_id
 
 
 async def test_cryptosteroid_reads_the_invoice_as_its_notification_would(
@@ -88,7 +78,7 @@ async def test_cryptosteroid_reads_the_invoice_as_its_notification_would(
     clock: ManualClock,
     http: aiohttp.ClientSession,
 ) -> None:
-    api, invoice_id = await cryptosteroid(serve, cryptosteroid_sim, clock, http)
+    api, invoice_id = await started(serve, cryptosteroid_sim, clock, http)
     event = await api.fetch(invoice_id, RECEIVED)
     assert event.origin == "recovery"
     assert event.paid_total == Decimal("40.25")
@@ -102,7 +92,7 @@ async def test_cryptopos_reads_data_as_its_callback_would_without_personal_data(
     clock: ManualClock,
     http: aiohttp.ClientSession,
 ) -> None:
-    api, invoice_id = await cryptopos(serve, cryptopos_sim, clock, http)
+    api, invoice_id = await started(serve, cryptopos_sim, clock, http)
     event = await api.fetch(invoice_id, RECEIVED)
     data = encode(cryptopos_sim.invoices[invoice_id])
     webhook = CRYPTOPOS.normalize(CRYPTOPOS.decode(data), RECEIVED)
@@ -122,18 +112,13 @@ async def test_wrong_credentials_name_the_settings_and_are_not_retried(
     http: aiohttp.ClientSession,
     which: str,
 ) -> None:
-    api: Api
-    if which == "cryptosteroid":
-        api, invoice_id = await cryptosteroid(serve, cryptosteroid_sim, clock, http, key="nope")
-        refused = cryptosteroid_sim.refused
-    else:
-        api, invoice_id = await cryptopos(serve, cryptopos_sim, clock, http, key="nope")
-        refused = cryptopos_sim.refused
+    sim: Simulator = cryptosteroid_sim if which == "cryptosteroid" else cryptopos_sim
+    api, invoice_id = await started(serve, sim, clock, http, key="nope")
     with pytest.raises(CredentialsRejected) as raised:
         await api.fetch(invoice_id, RECEIVED)
     assert f"PAYHOOK_{which.upper()}_API_KEY" in str(raised.value)
     assert f"PAYHOOK_{which.upper()}_MERCHANT_ID" in str(raised.value)
-    assert len(refused) == 1
+    assert len(sim.refused) == 1
 
 
 @pytest.mark.parametrize("which", ["cryptosteroid", "cryptopos"])
@@ -147,14 +132,8 @@ async def test_failures_are_retried_within_the_bound(
     which: str,
     fault: str,
 ) -> None:
-    api: Api
-    sim: CryptoSteroidSimulator | CryptoPosSimulator
-    if which == "cryptosteroid":
-        api, invoice_id = await cryptosteroid(serve, cryptosteroid_sim, clock, http)
-        sim = cryptosteroid_sim
-    else:
-        api, invoice_id = await cryptopos(serve, cryptopos_sim, clock, http)
-        sim = cryptopos_sim
+    sim: Simulator = cryptosteroid_sim if which == "cryptosteroid" else cryptopos_sim
+    api, invoice_id = await started(serve, sim, clock, http)
     sim.faults.extend([fault] * (FAST_POLICY.attempts - 1))  # type: ignore[list-item]
     event = await api.fetch(invoice_id, RECEIVED)
     assert event.invoice_id == invoice_id
@@ -175,7 +154,7 @@ async def test_an_unknown_invoice_is_an_error_for_that_invoice_only(
     clock: ManualClock,
     http: aiohttp.ClientSession,
 ) -> None:
-    api, _ = await cryptopos(serve, cryptopos_sim, clock, http)
+    api, _ = await started(serve, cryptopos_sim, clock, http)
     with pytest.raises(InvoiceUnavailable):
         await api.fetch("pos-9999", RECEIVED)
     assert cryptopos_sim.requests == ["pos-9999"]
@@ -184,7 +163,7 @@ async def test_an_unknown_invoice_is_an_error_for_that_invoice_only(
 async def test_an_unreachable_api_is_unavailable(
     clock: ManualClock, http: aiohttp.ClientSession
 ) -> None:
-    api = CryptoSteroidApi(
+    api = cryptosteroid.status_api(
         http,
         url=f"http://127.0.0.1:{free_port()}",
         key=Secret(b"k"),
