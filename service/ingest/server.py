@@ -1,6 +1,7 @@
-"""``payhook serve``, the process: the ingest application under aiohttp's ``run_app`` on
-uvloop, readiness turned off first on SIGTERM, and the start-up objects kept out of the
-garbage collector's way."""
+"""``payhook serve``, the process: the ingest application on uvloop under our own runner (what
+``run_app`` does, but ``run_app`` cannot be given the runner whose connections answer an
+unparseable request in our JSON format), readiness turned off first on SIGTERM, and the
+start-up objects kept out of the garbage collector's way."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _raise_graceful_exit() -> None:
 
 
 async def _readiness_first_on_sigterm(app: web.Application) -> None:
-    """Replaces run_app's SIGTERM handler: /readyz turns 503 first, then run_app's graceful
+    """Replaces the runner's SIGTERM handler: /readyz turns 503 first, then the graceful
     exit stops the listener, waits for in-flight requests (``shutdown_timeout``), flushes the
     producer and closes the spool."""
     loop = asyncio.get_running_loop()
