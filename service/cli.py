@@ -15,7 +15,6 @@ from typing import Any, Final
 
 from service import __version__
 from service.commands import CommandFailed
-from service.ingest.secrets import mint_secret, webhook_url
 from service.providers import MERCHANT_SIGNED, PER_ORDER, PROVIDERS
 from service.settings import SettingsError, load_settings
 
@@ -346,6 +345,9 @@ def _send_test(args: argparse.Namespace) -> int:
 
 
 def _secret(provider: str, order_id: str) -> int:
+    # Inside the command: a shared module loads a process's package only when it runs.
+    from service.ingest.secrets import mint_secret, webhook_url
+
     settings = load_settings()
     per_order = PER_ORDER.get(provider)
     if per_order is None:

@@ -44,7 +44,7 @@ import msgspec
 
 from schemas.amounts import PlainEncoder
 from schemas.events import Settlement
-from service.consume.reconcile import InvoiceState, invoice_key
+from service.state import InvoiceState, invoice_key
 
 SCHEMA_VERSION: Final = 2
 

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import asyncpg
 import msgspec
 
-from service.consume.reconcile import InvoiceState
+from service.state import InvoiceState
 from service.store import SCHEMA_VERSION, StoreError
 
 _state_decoder: Final = msgspec.json.Decoder(InvoiceState)

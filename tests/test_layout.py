@@ -1,5 +1,6 @@
-"""The layout holds: the processes' packages never import each other, providers stay apart from
-the processes, and development tools stay out of the runtime, the wheel and the image."""
+"""The layout holds: the processes' packages never import each other, providers and the shared
+modules at the top of service/ stay apart from the processes, and development tools stay out of
+the runtime, the wheel and the image."""
 
 from __future__ import annotations
 
@@ -23,13 +24,29 @@ def module_name(path: Path, repo: Path = REPO) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported(path: Path, repo: Path) -> Iterator[str]:
-    """Every module ``path`` imports, wherever the import sits (functions included), and
-    every constant ``importlib.import_module`` names."""
+def _nodes(tree: ast.AST, *, in_functions: bool) -> Iterator[ast.AST]:
+    """Every node of ``tree``; without ``in_functions``, none inside a function's body."""
+    if in_functions:
+        yield from ast.walk(tree)
+        return
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo += [
+            child
+            for child in ast.iter_child_nodes(node)
+            if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        ]
+
+
+def imported(path: Path, repo: Path, *, in_functions: bool = True) -> Iterator[str]:
+    """Every module ``path`` imports, wherever the import sits (functions included unless
+    ``in_functions`` is false), and every constant ``importlib.import_module`` names."""
     tree = ast.parse(path.read_text(), str(path))
     name = module_name(path, repo)
     package = name.rsplit(".", 1)[0] if path.name != "__init__.py" else None
-    for node in ast.walk(tree):
+    for node in _nodes(tree, in_functions=in_functions):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -69,6 +86,17 @@ FORBIDDEN = [
     ("service", "devtools"),
 ]
 
+PROCESSES = ("service.ingest", "service.consume", "service.recover")
+# What the operator runs loads a process's package, but only inside the command that needs it,
+# so no shared module depends on a process's package at import time.
+LAZY = ("service.cli", "service.commands")
+
+
+def _shared(module: str) -> bool:
+    """A module the processes share: at the top of service/ or among the operator's commands
+    (providers have their own rules above)."""
+    return not any(within(module, p) for p in (*PROCESSES, "service.providers"))
+
 
 def violations(repo: Path) -> list[str]:
     found = []
@@ -77,6 +105,11 @@ def violations(repo: Path) -> list[str]:
         for target in imported(path, repo):
             for source, forbidden in FORBIDDEN:
                 if within(importer, source) and within(target, forbidden):
+                    found.append(f"{importer} imports {target}")
+        if _shared(importer):
+            lazy = any(within(importer, p) for p in LAZY)
+            for target in imported(path, repo, in_functions=not lazy):
+                if any(within(target, p) for p in PROCESSES):
                     found.append(f"{importer} imports {target}")
     return found
 
@@ -102,12 +135,27 @@ def test_the_import_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     )
     (fake / "providers" / "x.py").write_text("from service.ingest.app import f\n")
     (fake / "tools.py").write_text("from devtools.devbroker import LocalBroker\n")
+    (fake / "store.py").write_text("def f():\n    from service.consume.reconcile import apply\n")
+    (fake / "commands").mkdir()
+    (fake / "commands" / "__init__.py").write_text("")
+    (fake / "commands" / "spool.py").write_text(
+        "from service.ingest.spool import Spool\n"
+        "def drain():\n"
+        "    from service.ingest.spool import inspect\n"
+    )
+    (fake / "cli.py").write_text(
+        "import importlib\ndef serve():\n    importlib.import_module('service.recover.process')\n"
+    )
     found = violations(tmp_path)
     assert "service.ingest.app imports service.consume.pipeline" in found
     assert "service.ingest.app imports service.consume.supervisor" in found
     assert "service.ingest.app imports service.consume.process" in found
     assert "service.providers.x imports service.ingest.app" in found
     assert "service.tools imports devtools.devbroker" in found
+    assert "service.store imports service.consume.reconcile.apply" in found
+    assert "service.commands.spool imports service.ingest.spool.Spool" in found
+    assert "service.commands.spool imports service.ingest.spool.inspect" not in found
+    assert not [line for line in found if line.startswith("service.cli ")]
 
 
 def test_the_wheel_holds_no_development_module(tmp_path: Path) -> None:

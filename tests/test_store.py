@@ -14,7 +14,8 @@ import msgspec
 import pytest
 
 from schemas.events import InvoiceEvent, Settlement
-from service.consume.reconcile import BatchOutcome, InvoiceState, apply_batch
+from service.consume.reconcile import BatchOutcome, apply_batch
+from service.state import InvoiceState
 from service.store import SCHEMA_VERSION, Published, Store, StoreError, Writes, open_store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

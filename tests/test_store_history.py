@@ -13,7 +13,8 @@ import msgspec
 import pytest
 
 from schemas.events import InvoiceEvent, Settlement
-from service.consume.reconcile import InvoiceState, apply_all, apply_batch
+from service.consume.reconcile import apply_all, apply_batch
+from service.state import InvoiceState
 from service.store import SCHEMA_VERSION, Store, StoreError, Writes, open_store
 from service.store_reader import open_reader
 

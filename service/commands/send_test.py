@@ -18,7 +18,6 @@ from typing import Final
 import aiohttp
 
 from service.commands import CommandFailed
-from service.ingest.secrets import mint_secret, webhook_url
 from service.providers import MERCHANT_SIGNED, PER_ORDER, PROVIDERS
 from service.providers.samples import TEST_PREFIX, NoSample, SampleStatus
 from service.settings import Settings
@@ -36,6 +35,9 @@ def request_for(
     now: datetime,
 ) -> tuple[str, dict[str, str], bytes]:
     """(URL, headers, body) of the notification, as the provider would send it."""
+    # Inside the command: a shared module loads a process's package only when it runs.
+    from service.ingest.secrets import mint_secret, webhook_url
+
     try:
         body = PROVIDERS[provider].sample(status, invoice_id, order_id, now)
     except NoSample as exc:

@@ -14,8 +14,8 @@ from typing import Final
 import asyncpg
 
 from service.commands import CommandFailed, redacted
-from service.consume.reconcile import invoice_key
 from service.settings import Settings
+from service.state import invoice_key
 from service.store import StoreError
 from service.store_reader import StoreReader, open_reader
 

@@ -23,7 +23,6 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from service.commands import CommandFailed
-from service.ingest.spool import Spool, SpoolLocked, inspect
 from service.kafka import ensure_topics, send_batched
 from service.settings import Settings
 
@@ -33,6 +32,9 @@ _CONNECT_WITHIN: Final = 10.0
 
 def status(directory: Path, *, as_json: bool) -> int:
     """Prints the spool's status; 0 whenever it can be read, whatever its depth."""
+    # Inside the command: a shared module loads a process's package only when it runs.
+    from service.ingest.spool import inspect
+
     if not directory.is_dir():
         raise CommandFailed(
             f"no spool directory at {directory} (give DIR, or set PAYHOOK_SPOOL_DIR)"
@@ -77,6 +79,8 @@ async def _producer(settings: Settings) -> AIOKafkaProducer:
 
 async def _drain(settings: Settings, directory: Path) -> tuple[int, int]:
     """(records sent, records left)."""
+    from service.ingest.spool import Spool, SpoolLocked
+
     spool = Spool(directory, settings.spool_max_bytes)
     try:
         await spool.start()

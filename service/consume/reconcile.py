@@ -19,7 +19,6 @@ import msgspec
 
 from schemas.events import (
     InvoiceEvent,
-    InvoiceStatus,
     Payment,
     Provider,
     Settlement,
@@ -29,6 +28,11 @@ from schemas.events import (
 # RUNNING_TOTAL_PROVIDERS: providers whose paid amount is their own running total, not a sum
 # of payments (each provider says so in its module).
 from service.providers import RUNNING_TOTAL_PROVIDERS
+
+# Re-exported for what names the stored state through reconciliation (the pipeline, faults/).
+from service.state import Fact as Fact
+from service.state import InvoiceState as InvoiceState
+from service.state import invoice_key as invoice_key
 
 # Ranks break provider-time ties between statuses: the further along wins.
 _STATUS_RANK: Final[dict[str, int]] = {
@@ -56,46 +60,12 @@ class InvalidEvent(ValueError):
     """A decodable event that cannot be reconciled; the message says why (for the DLQ)."""
 
 
-# gc=False: these hold no reference cycles, so the collector need not track millions of them.
-class Fact(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
-    """What reconciliation needs of one applied event."""
-
-    event_id: str
-    status: InvoiceStatus
-    occurred_at: datetime
-    order_id: str | None
-    pay_currency: str | None
-    expected_amount: Decimal | None
-    amount_diff: Decimal | None
-    paid_total: Decimal | None
-    payments: tuple[Payment, ...]
-
-
-class InvoiceState(msgspec.Struct, frozen=True, kw_only=True, array_like=True, gc=False):
-    """Everything stored for one invoice: the applied facts and the current settlement."""
-
-    facts: tuple[Fact, ...]
-    settlement: Settlement
-
-    def has_event(self, event_id: str) -> bool:
-        return any(f.event_id == event_id for f in self.facts)
-
-    def order_id(self) -> str | None:
-        """The order the invoice was first seen with (the first fact that names one)."""
-        return next((f.order_id for f in self.facts if f.order_id is not None), None)
-
-
 @final
 class Applied(msgspec.Struct, frozen=True):
     """The result of applying one event: the new state, and what happened."""
 
     state: InvoiceState
     outcome: Outcome
-
-
-def invoice_key(provider: str, invoice_id: str) -> str:
-    """The Kafka key and store key of an invoice."""
-    return f"{provider}:{invoice_id}"
 
 
 def _aware(value: datetime | None, what: str) -> None:

@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from schemas.events import InvoiceEvent
-from service.consume.reconcile import InvoiceState, apply_batch
+from service.consume.reconcile import apply_batch
+from service.state import InvoiceState
 from service.store import StoreError, Writes, open_store
 from service.store_reader import StoreOutdated, open_reader
 
