@@ -53,5 +53,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(verdict.row())
     terminalreporter.write_line(
         "dup-topic: repeated records on payhook.invoice-events.v1 (same event-id);"
-        " dup-consum: repeats the consumer dropped by event_id (last consumer process)"
+        " dup-consum: repeats the consumer dropped by event_id (last consumer process);"
+        " stl-recs / stl-bad: records on payhook.settlements.v1, and those out of version"
+        " order, republished with other content, or missing an invoice's stored version"
     )

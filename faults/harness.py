@@ -485,13 +485,26 @@ class Verdict:
     consumer_duplicates: int
     miscounted: int
     problems: list[str]
+    # Settlements topic (scale-out scenarios only): records read, and records out of order
+    # (a version after a higher one) or republished with other content.
+    settlements: int | None = None
+    settlement_faults: int | None = None
 
-    ROW: ClassVar[str] = "{:<34} {:>5} {:>5} {:>6} {:>5} {:>10} {:>10} {:>10}"
+    ROW: ClassVar[str] = "{:<34} {:>5} {:>5} {:>6} {:>5} {:>10} {:>10} {:>10} {:>9} {:>9}"
 
     @classmethod
     def header(cls) -> str:
         return cls.ROW.format(
-            "fault", "sent", "2xx", "found", "lost", "dup-topic", "dup-consum", "miscounted"
+            "fault",
+            "sent",
+            "2xx",
+            "found",
+            "lost",
+            "dup-topic",
+            "dup-consum",
+            "miscounted",
+            "stl-recs",
+            "stl-bad",
         )
 
     def row(self) -> str:
@@ -504,6 +517,8 @@ class Verdict:
             self.topic_duplicates,
             self.consumer_duplicates,
             self.miscounted,
+            "-" if self.settlements is None else self.settlements,
+            "-" if self.settlement_faults is None else self.settlement_faults,
         )
 
 

@@ -238,6 +238,7 @@ def judge_two_step(
     stored: Stored,
     consumer_duplicates: int,
     settlements: list[str],
+    settlement_records: int,
 ) -> Verdict:
     """Every 2xx on the events topic and counted exactly once; each invoice's paid amount is
     what its last notification states; the settlements topic judged as above."""
@@ -267,4 +268,6 @@ def judge_two_step(
         consumer_duplicates=consumer_duplicates,
         miscounted=len(miscounted),
         problems=problems,
+        settlements=settlement_records,
+        settlement_faults=len(settlements),
     )

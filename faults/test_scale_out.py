@@ -88,6 +88,7 @@ async def finish(
         stored,
         await fleet.duplicates(http),
         settlement_problems(log, versions),
+        sum(len(records) for records in log.values()),
     )
     verdicts.append(verdict)
     assert verdict.accepted > 0
