@@ -55,8 +55,8 @@ wrk:
 
 bench: setup wrk
 	$(BIN)/python -m bench.ingest
-	$(BIN)/python -m bench.consume
 	$(BIN)/python -m bench.mixed
+	$(BIN)/python -m bench.consume
 	$(BIN)/python -m bench.recover
 
 faults: setup
