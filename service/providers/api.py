@@ -15,7 +15,7 @@ import collections
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final, Protocol, TypeVar, final
 from urllib.parse import quote
@@ -210,46 +210,38 @@ def _ignore(outcome: str) -> None:
 
 
 @final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusEndpoint:
+    """Where and how one provider's status API is read: ``GET {base}{invoice_id}`` with
+    ``headers``; the answer through ``to_event``, the provider's own decoder and normalization
+    (a :class:`~service.errors.PayhookError` it raises makes the answer :class:`Undecodable`).
+    ``settings`` names the credentials' settings, for the error that refuses them."""
+
+    provider: str
+    settings: str
+    base: str
+    headers: dict[str, str] = field(repr=False)  # they carry the API key
+    to_event: Callable[[bytes, str, datetime], InvoiceEvent]
+
+
+@final
 class StatusApi:
-    """One invoice read back with ``GET {base}{invoice_id}`` (CryptoSteroid, Crypto POS).
+    """One invoice read back from a status API (CryptoSteroid, Crypto POS), retried while it is
+    unavailable, rate limited or malformed. ``on_request`` counts each request's outcome."""
 
-    The answer goes through the provider's ``to_event`` (its notification's own decoder and
-    normalization; a :class:`~service.errors.PayhookError` it raises is :class:`Undecodable`),
-    and the request is retried while it is unavailable, rate limited or malformed.
-    ``on_request`` counts each request's outcome."""
-
-    __slots__ = (
-        "_base",
-        "_clock",
-        "_headers",
-        "_on_request",
-        "_policy",
-        "_provider",
-        "_session",
-        "_settings",
-        "_to_event",
-    )
+    __slots__ = ("_clock", "_endpoint", "_on_request", "_policy", "_session")
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
+        endpoint: StatusEndpoint,
         *,
-        provider: str,
-        settings: str,
-        base: str,
-        headers: dict[str, str],
-        to_event: Callable[[bytes, str, datetime], InvoiceEvent],
         clock: Clock,
         policy: RetryPolicy,
         on_request: Callable[[str], None] | None = None,
     ) -> None:
         self._session = session
-        self._provider = provider
-        # The credentials' setting names, for the error that refuses them.
-        self._settings = settings
-        self._base = base
-        self._headers = headers
-        self._to_event = to_event
+        self._endpoint = endpoint
         self._clock = clock
         self._policy = policy
         self._on_request = on_request or _ignore
@@ -260,7 +252,7 @@ class StatusApi:
         async def once() -> InvoiceEvent:
             body = await self._get(invoice_id)
             try:
-                return self._to_event(body, invoice_id, received_at)
+                return self._endpoint.to_event(body, invoice_id, received_at)
             except Undecodable:
                 self._on_request("undecodable")
                 raise
@@ -269,21 +261,22 @@ class StatusApi:
             except RecursionError:
                 reason = "JSON is nested too deeply"
             self._on_request("undecodable")
-            raise Undecodable(self._provider, reason) from None
+            raise Undecodable(self._endpoint.provider, reason) from None
 
         return await with_retries(
             once, self._policy, self._clock, lambda exc: self._on_request("retry")
         )
 
     async def _get(self, invoice_id: str) -> bytes:
-        provider = self._provider
+        endpoint = self._endpoint
+        provider = endpoint.provider
         try:
             status, headers, body = await request(
                 provider,
                 self._session,
                 "GET",
-                self._base + quote(invoice_id, safe=""),
-                headers=self._headers,
+                endpoint.base + quote(invoice_id, safe=""),
+                headers=endpoint.headers,
                 timeout=self._policy.timeout,
             )
         except ApiError:
@@ -294,7 +287,7 @@ class StatusApi:
             return body
         if status in (401, 403):
             self._on_request("refused")
-            raise CredentialsRejected(provider, f"HTTP {status}: check {self._settings}")
+            raise CredentialsRejected(provider, f"HTTP {status}: check {endpoint.settings}")
         if status == 429:
             self._on_request("rate_limited")
             raise RateLimited(provider, "rate limited", retry_after(headers))

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, Literal, final
 
-import aiohttp
 import msgspec
 
 from schemas.events import InvoiceEvent, Origin, Payment
 from schemas.providers import CryptoPosInvoice, CryptoPosTransaction
 from service.errors import InvalidJson, InvalidPayload
 from service.providers.api import (
-    Clock,
     InvoiceUnavailable,
-    RetryPolicy,
-    StatusApi,
+    StatusEndpoint,
     Undecodable,
 )
 from service.providers.normalize import (
@@ -244,18 +240,8 @@ def to_event(body: bytes, invoice_id: str, received_at: datetime) -> InvoiceEven
     return CRYPTOPOS.normalize(data, received_at, "recovery")
 
 
-def status_api(
-    session: aiohttp.ClientSession,
-    *,
-    url: str,
-    key: Secret,
-    merchant_id: str,
-    clock: Clock,
-    policy: RetryPolicy,
-    on_request: Callable[[str], None] | None = None,
-) -> StatusApi:
-    return StatusApi(
-        session,
+def status_endpoint(url: str, key: Secret, merchant_id: str) -> StatusEndpoint:
+    return StatusEndpoint(
         provider=PROVIDER,
         settings=SETTINGS,
         base=f"{url.rstrip('/')}/crypto/v1/status/",
@@ -265,7 +251,4 @@ def status_api(
             "Accept": "application/json",
         },
         to_event=to_event,
-        clock=clock,
-        policy=policy,
-        on_request=on_request,
     )

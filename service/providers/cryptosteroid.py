@@ -14,18 +14,16 @@ notification's own decoder and normalization.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, Literal, final
 from urllib.parse import quote
 
-import aiohttp
 import msgspec
 
 from schemas.events import InvoiceEvent, InvoiceStatus, Origin, Payment
 from schemas.providers import CryptoSteroidInvoice
-from service.providers.api import Clock, RetryPolicy, StatusApi, Undecodable
+from service.providers.api import StatusEndpoint, Undecodable
 from service.providers.normalize import (
     EPOCH,
     amount,
@@ -166,24 +164,11 @@ def to_event(body: bytes, invoice_id: str, received_at: datetime) -> InvoiceEven
     return CRYPTOSTEROID.normalize(invoice, received_at, "recovery")
 
 
-def status_api(
-    session: aiohttp.ClientSession,
-    *,
-    url: str,
-    key: Secret,
-    merchant_id: str,
-    clock: Clock,
-    policy: RetryPolicy,
-    on_request: Callable[[str], None] | None = None,
-) -> StatusApi:
-    return StatusApi(
-        session,
+def status_endpoint(url: str, key: Secret, merchant_id: str) -> StatusEndpoint:
+    return StatusEndpoint(
         provider=PROVIDER,
         settings=SETTINGS,
         base=f"{url.rstrip('/')}/merchants/{quote(merchant_id, safe='')}/invoices/",
         headers={"X-Api-Key": key.reveal().decode(), "Accept": "application/json"},
         to_event=to_event,
-        clock=clock,
-        policy=policy,
-        on_request=on_request,
     )

@@ -25,7 +25,7 @@ from aiohttp import web
 from schemas.events import PROVIDERS, InvoiceEvent, Provider
 from service.probes import create_probe_app
 from service.providers import cryptopos, cryptosteroid
-from service.providers.api import Clock, LoopClock, RetryPolicy, StatusApi
+from service.providers.api import Clock, LoopClock, RetryPolicy, StatusApi, StatusEndpoint
 from service.providers.bitfinex import BitfinexApi
 from service.recover.metrics import RecoverMetrics
 from service.recover.publisher import EventPublisher
@@ -101,34 +101,38 @@ async def recovery(
             )
         refresh: dict[Provider, StatusApi] = {}
         status_apis: list[
-            tuple[Provider, Callable[..., StatusApi], str | None, Secret | None, str | None]
+            tuple[
+                Provider,
+                Callable[[str, Secret, str], StatusEndpoint],
+                str | None,
+                Secret | None,
+                str | None,
+            ]
         ] = [
             (
                 "cryptosteroid",
-                cryptosteroid.status_api,
+                cryptosteroid.status_endpoint,
                 settings.cryptosteroid_api_url,
                 settings.cryptosteroid_api_key,
                 settings.cryptosteroid_merchant_id,
             ),
             (
                 "cryptopos",
-                cryptopos.status_api,
+                cryptopos.status_endpoint,
                 settings.cryptopos_api_url,
                 settings.cryptopos_api_key,
                 settings.cryptopos_merchant_id,
             ),
         ]
-        for provider, status_api, url, key, merchant_id in status_apis:
+        for provider, endpoint, url, key, merchant_id in status_apis:
             if missing[provider]:
                 continue
             assert url is not None
             assert key is not None
             assert merchant_id is not None
-            refresh[provider] = status_api(
+            refresh[provider] = StatusApi(
                 session,
-                url=url,
-                key=key,
-                merchant_id=merchant_id,
+                endpoint(url, key, merchant_id),
                 clock=clock,
                 policy=policy,
                 on_request=counting(provider),

@@ -52,20 +52,19 @@ async def started(
     """The simulator holding one invoice, started; its client (with ``key``, or the right
     one) and that invoice's id."""
     if isinstance(sim, CryptoSteroidSimulator):
-        invoice_id, status_api = "cs-0001", cryptosteroid.status_api
+        invoice_id, endpoint = "cs-0001", cryptosteroid.status_endpoint
         sim.invoices[invoice_id] = cryptosteroid_invoice(
             1, "WAITING", "40.25", updated_at="2026-11-30T10:05:00Z", hashes=["h1"]
         )
     else:
-        invoice_id, status_api = "pos-0001", cryptopos.status_api
+        invoice_id, endpoint = "pos-0001", cryptopos.status_endpoint
         sim.invoices[invoice_id] = cryptopos_invoice(
             1, [("0xa", "10.5", "2026-11-30T10:01:00.000Z"), ("0xb", "5", "2026-11-30T10:02:00Z")]
         )
-    api = status_api(
+    url = await serve(sim.app())
+    api = StatusApi(
         http,
-        url=await serve(sim.app()),
-        key=Secret((key or sim.api_key).encode()),
-        merchant_id=sim.merchant_id,
+        endpoint(url, Secret((key or sim.api_key).encode()), sim.merchant_id),
         clock=clock,
         policy=FAST_POLICY,
     )
@@ -163,11 +162,9 @@ async def test_an_unknown_invoice_is_an_error_for_that_invoice_only(
 async def test_an_unreachable_api_is_unavailable(
     clock: ManualClock, http: aiohttp.ClientSession
 ) -> None:
-    api = cryptosteroid.status_api(
+    api = StatusApi(
         http,
-        url=f"http://127.0.0.1:{free_port()}",
-        key=Secret(b"k"),
-        merchant_id=CS_MERCHANT,
+        cryptosteroid.status_endpoint(f"http://127.0.0.1:{free_port()}", Secret(b"k"), CS_MERCHANT),
         clock=clock,
         policy=FAST_POLICY,
     )
