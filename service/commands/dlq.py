@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import KafkaError
 
 from service.commands import CommandFailed
-from service.kafka import ensure_topics
+from service.commands.broker import require_topics, unreachable
 from service.settings import Settings
 
 REDRIVE_GROUP: Final = "payhook-dlq-redrive"
@@ -86,22 +86,13 @@ def redriven_headers(record: Record) -> list[tuple[str, bytes]]:
     return [*kept, (REDRIVEN_FROM, f"{record.partition}:{record.offset}".encode())]
 
 
-def _unreachable(settings: Settings, reason: str) -> CommandFailed:
-    return CommandFailed(
-        f"cannot reach Kafka at {settings.kafka_bootstrap}: {reason} "
-        "(check PAYHOOK_KAFKA_BOOTSTRAP)"
-    )
-
-
 @contextlib.asynccontextmanager
 async def _dlq_reader(
     settings: Settings,
 ) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:
     """A consumer of the DLQ topic's partitions, assigned (no group join), that commits and
     reads the redrive group's positions."""
-    problems = {t: p for t, p in (await ensure_topics(settings, _WITHIN)).items() if p}
-    if problems:
-        raise CommandFailed(f"{next(iter(problems.values()))} (check PAYHOOK_KAFKA_BOOTSTRAP)")
+    await require_topics(settings, _WITHIN)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id="payhook-dlq",
@@ -121,7 +112,7 @@ async def _dlq_reader(
                     await consumer._client.force_metadata_update()
     except (KafkaError, TimeoutError) as exc:
         await consumer.stop()
-        raise _unreachable(settings, type(exc).__name__) from None
+        raise unreachable(settings, type(exc).__name__) from None
     tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
     consumer.assign(tps)
     try:
@@ -138,7 +129,7 @@ async def _positions(
         async with asyncio.timeout(_WITHIN):
             return {tp: (await consumer.committed(tp)) or 0 for tp in tps}
     except (KafkaError, TimeoutError) as exc:
-        raise _unreachable(settings, type(exc).__name__) from None
+        raise unreachable(settings, type(exc).__name__) from None
 
 
 async def _read_all(
@@ -167,7 +158,7 @@ async def _read_all(
             if quiet >= _QUIET_POLLS and await _at_ends(consumer, ends):
                 break
     except (KafkaError, TimeoutError) as exc:
-        raise _unreachable(settings, type(exc).__name__) from None
+        raise unreachable(settings, type(exc).__name__) from None
     records.sort(key=lambda r: (r.partition, r.offset))
     return records
 
@@ -253,7 +244,7 @@ def redrive(settings: Settings, *, dry_run: bool) -> int:
                     await producer.start()
             except (KafkaError, TimeoutError) as exc:
                 await producer.stop()
-                raise _unreachable(settings, type(exc).__name__) from None
+                raise unreachable(settings, type(exc).__name__) from None
             done = 0
             try:
                 for start in range(0, len(pending), _BATCH):

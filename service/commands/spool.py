@@ -23,7 +23,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from service.commands import CommandFailed
-from service.kafka import ensure_topics, send_batched
+from service.commands.broker import require_topics, unreachable
+from service.kafka import send_batched
 from service.settings import Settings
 
 _BATCH: Final = 500
@@ -58,10 +59,7 @@ def status(directory: Path, *, as_json: bool) -> int:
 
 
 async def _producer(settings: Settings) -> AIOKafkaProducer:
-    where = f"cannot reach Kafka at {settings.kafka_bootstrap} (check PAYHOOK_KAFKA_BOOTSTRAP)"
-    problems = {t: p for t, p in (await ensure_topics(settings, _CONNECT_WITHIN)).items() if p}
-    if problems:
-        raise CommandFailed(f"{next(iter(problems.values()))} (check PAYHOOK_KAFKA_BOOTSTRAP)")
+    await require_topics(settings, _CONNECT_WITHIN)
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         client_id="payhook-spool-drain",
@@ -73,7 +71,7 @@ async def _producer(settings: Settings) -> AIOKafkaProducer:
         await producer.start()
     except KafkaError as exc:
         await producer.stop()
-        raise CommandFailed(f"{where}: {type(exc).__name__}") from None
+        raise unreachable(settings, type(exc).__name__) from None
     return producer
 
 
