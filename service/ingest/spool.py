@@ -444,17 +444,12 @@ class Spool:
 
     def _read_cursor(self) -> tuple[int, int]:
         path = self.directory / _CURSOR_FILE
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+        cursor = _peek_cursor(path)
+        if cursor is None:
+            # Starting from the beginning republishes acknowledged records: duplicates, not loss.
+            log.warning("spool_cursor_invalid", path=str(path))
             return 0, 0
-        if len(data) == _CURSOR.size:
-            magic, seq, offset, crc = _CURSOR.unpack(data)
-            if magic == _CURSOR_MAGIC and crc == zlib.crc32(data[: _CURSOR.size - 4]):
-                return seq, offset
-        # Starting from the beginning republishes acknowledged records: duplicates, not loss.
-        log.warning("spool_cursor_invalid", path=str(path))
-        return 0, 0
+        return cursor
 
     def _recover(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -566,7 +561,8 @@ def inspect(directory: Path, now: float | None = None) -> SpoolStatus:
     """Reads a spool without its lock and without writing: safe beside a running ``serve``.
     A frame being written just now reads as a torn tail and is not counted. Raises OSError
     when the directory cannot be read."""
-    cursor_seq, cursor_offset = _peek_cursor(directory / _CURSOR_FILE)
+    # As Spool reads it: an invalid cursor replays everything.
+    cursor_seq, cursor_offset = _peek_cursor(directory / _CURSOR_FILE) or (0, 0)
     depth = size = 0
     oldest: float | None = None
     for path in sorted(directory.iterdir()):
@@ -594,7 +590,9 @@ def inspect(directory: Path, now: float | None = None) -> SpoolStatus:
     )
 
 
-def _peek_cursor(path: Path) -> tuple[int, int]:
+def _peek_cursor(path: Path) -> tuple[int, int] | None:
+    """The cursor's (segment, offset): (0, 0) before the first acknowledgement, None when the
+    file is invalid."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -603,7 +601,7 @@ def _peek_cursor(path: Path) -> tuple[int, int]:
         magic, seq, offset, crc = _CURSOR.unpack(data)
         if magic == _CURSOR_MAGIC and crc == zlib.crc32(data[: _CURSOR.size - 4]):
             return seq, offset
-    return 0, 0  # as Spool reads it: an invalid cursor replays everything
+    return None
 
 
 def _is_locked(path: Path) -> bool:
