@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures_postgres",
     "tests.fixtures_monitoring",
     "tests.fixtures_consume",
+    "tests.fixtures_store",
 ]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,33 +17,9 @@ from schemas.events import InvoiceEvent, Settlement
 from service.consume.reconcile import BatchOutcome, apply_batch
 from service.state import InvoiceState
 from service.store import SCHEMA_VERSION, Published, Store, StoreError, Writes, open_store
+from tests.fixtures_store import bitfinex_event as ev
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 2, tzinfo=UTC)
-
-
-def ev(n: int, *, invoice_id: str = "inv-1", status: str = "pending") -> InvoiceEvent:
-    """Event ``n`` about one Bitfinex invoice: it carries payment ``txn`` of 0.001 BTC."""
-    return msgspec.convert(
-        {
-            "event_id": f"{invoice_id}-e{n}",
-            "provider": "bitfinex",
-            "invoice_id": invoice_id,
-            "order_id": "o-1",
-            "status": status,
-            "provider_status": status.upper(),
-            "amount": "100",
-            "currency": "USD",
-            "pay_currency": "BTC",
-            "expected_pay_amount": "1",
-            "payments": [
-                {"txid": f"tx{n}", "amount": "0.001", "currency": "BTC", "confirmations": 1}
-            ],
-            "occurred_at": (T0 + timedelta(seconds=n)).isoformat(),
-            "received_at": (T0 + timedelta(seconds=n)).isoformat(),
-        },
-        InvoiceEvent,
-    )
 
 
 @dataclass(slots=True)
@@ -68,23 +44,6 @@ async def apply_events(
 ) -> BatchWrites:
     keys = {f"{e.provider}:{e.invoice_id}" for e in events}
     return await store.transact(keys, reconciling(events), published)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    opened = await open_store(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def test_new_invoice_is_stored_with_its_settlement_in_the_outbox(store: Store) -> None:

@@ -4,9 +4,8 @@ a store written by the previous release (schema version 1) migrated in place at 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
@@ -17,8 +16,8 @@ from service.consume.reconcile import apply_all, apply_batch
 from service.state import InvoiceState
 from service.store import SCHEMA_VERSION, Store, StoreError, Writes, open_store
 from service.store_reader import open_reader
+from tests.fixtures_store import bitfinex_event as ev
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = datetime(2026, 3, 2, tzinfo=UTC)
 
 # The previous release's schema, exactly as `git show 8a5e04b:service/store.py` creates it.
@@ -37,52 +36,12 @@ V1_DDL = (
 )
 
 
-def ev(n: int, *, invoice_id: str = "inv-1", order_id: str | None = "o-1") -> InvoiceEvent:
-    return msgspec.convert(
-        {
-            "event_id": f"{invoice_id}-e{n}",
-            "provider": "bitfinex",
-            "invoice_id": invoice_id,
-            "order_id": order_id,
-            "status": "pending",
-            "provider_status": "PENDING",
-            "amount": "100",
-            "currency": "USD",
-            "pay_currency": "BTC",
-            "expected_pay_amount": "1",
-            "payments": [
-                {"txid": f"tx{n}", "amount": "0.001", "currency": "BTC", "confirmations": 1}
-            ],
-            "occurred_at": (T0 + timedelta(seconds=n)).isoformat(),
-            "received_at": (T0 + timedelta(seconds=n)).isoformat(),
-        },
-        InvoiceEvent,
-    )
-
-
 async def apply_events(store: Store, events: Sequence[InvoiceEvent]) -> Writes:
     def update(states: Mapping[str, InvoiceState]) -> Writes:
         result = apply_batch(states, events, NOW)
         return Writes(states=result.states, outbox=result.settlements, history=result.versions)
 
     return await store.transact({f"{e.provider}:{e.invoice_id}" for e in events}, update)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    opened = await open_store(store_url)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 async def versions(url: str, key: str) -> list[Settlement]:

@@ -10,13 +10,41 @@ import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 import structlog
 
+from schemas.events import InvoiceEvent
 from service.cli import main
 from service.settings import Settings
 from tests.fixtures_kafka import TEST_ENV
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def payment_event(n: int, *, invoices: int, with_order: bool) -> InvoiceEvent:
+    """Event ``n``: one more payment on one of ``invoices`` Bitfinex invoices (each of its own
+    order ``o-...`` when ``with_order``)."""
+    return msgspec.convert(
+        {
+            "event_id": f"e{n}",
+            "provider": "bitfinex",
+            "invoice_id": f"inv-{n % invoices}",
+            "order_id": f"o-{n % invoices}" if with_order else None,
+            "status": "pending",
+            "provider_status": "PENDING",
+            "amount": "100",
+            "currency": "USD",
+            "pay_currency": "BTC",
+            "expected_pay_amount": "1",
+            "payments": [{"txid": f"tx{n}", "amount": "0.001", "currency": "BTC"}],
+            "occurred_at": (T0 + timedelta(seconds=n)).isoformat(),
+            "received_at": (T0 + timedelta(seconds=n)).isoformat(),
+        },
+        InvoiceEvent,
+    )
 
 
 @dataclass(frozen=True)

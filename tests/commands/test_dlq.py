@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from datetime import UTC, datetime, timedelta
 
 import msgspec
 
@@ -14,7 +13,7 @@ from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent
 from service.consume.supervisor import Consumer
 from service.settings import Settings
-from tests.commands.conftest import Payhook, child, env_of
+from tests.commands.conftest import Payhook, child, env_of, payment_event
 from tests.fixtures_consume import (
     Record,
     counter,
@@ -25,28 +24,9 @@ from tests.fixtures_consume import (
     wait_for,
 )
 
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
 
 def ev(n: int, invoices: int = 20) -> InvoiceEvent:
-    return msgspec.convert(
-        {
-            "event_id": f"e{n}",
-            "provider": "bitfinex",
-            "invoice_id": f"inv-{n % invoices}",
-            "order_id": None,
-            "status": "pending",
-            "provider_status": "PENDING",
-            "amount": "100",
-            "currency": "USD",
-            "pay_currency": "BTC",
-            "expected_pay_amount": "1",
-            "payments": [{"txid": f"tx{n}", "amount": "0.001", "currency": "BTC"}],
-            "occurred_at": (T0 + timedelta(seconds=n)).isoformat(),
-            "received_at": (T0 + timedelta(seconds=n)).isoformat(),
-        },
-        InvoiceEvent,
-    )
+    return payment_event(n, invoices=invoices, with_order=False)
 
 
 def dead(record: Record, reason: str, offset: int) -> Record:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -17,33 +16,14 @@ from schemas.events import InvoiceEvent
 from service.ingest.spool import Spool, SpooledEvent
 from service.kafka import encode_event, event_headers, event_key
 from service.settings import Settings
-from tests.commands.conftest import Payhook, child, env_of
+from tests.commands.conftest import Payhook, child, env_of, payment_event
 from tests.fixtures_consume import read_topic, running_consumer, wait_for
 from tests.ingest.test_durability import start_serve, wait_status
-
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def ev(n: int, invoices: int = 50) -> InvoiceEvent:
     """Event ``n``: one more payment on one of ``invoices`` Bitfinex invoices."""
-    return msgspec.convert(
-        {
-            "event_id": f"e{n}",
-            "provider": "bitfinex",
-            "invoice_id": f"inv-{n % invoices}",
-            "order_id": f"o-{n % invoices}",
-            "status": "pending",
-            "provider_status": "PENDING",
-            "amount": "100",
-            "currency": "USD",
-            "pay_currency": "BTC",
-            "expected_pay_amount": "1",
-            "payments": [{"txid": f"tx{n}", "amount": "0.001", "currency": "BTC"}],
-            "occurred_at": (T0 + timedelta(seconds=n)).isoformat(),
-            "received_at": (T0 + timedelta(seconds=n)).isoformat(),
-        },
-        InvoiceEvent,
-    )
+    return payment_event(n, invoices=invoices, with_order=True)
 
 
 async def fill(directory: Path, count: int, spooled_at: float | None = None) -> list[str]:

@@ -60,14 +60,6 @@ async def write(url: str, events: Sequence[InvoiceEvent], at: datetime) -> None:
         await store.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
 async def test_reads_processed_ids_and_refreshable_invoices(store_url: str) -> None:
     old = NOW - timedelta(days=5)
     await write(store_url, [event("cryptopos", "pos-old", "pending", "1", 1)], old)
