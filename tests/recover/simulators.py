@@ -18,7 +18,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 import msgspec
 from aiohttp import web
@@ -162,8 +162,14 @@ class BitfinexSimulator:
 
 
 @dataclass
-class CryptoSteroidSimulator:
-    """``GET /merchants/{merchant}/invoices/{invoice_id}`` with ``X-Api-Key`` (assumed route)."""
+class _StatusSimulator:
+    """A status API: one invoice by id, after the provider's credentials check. A subclass says
+    its route, how it refuses, how it wraps an invoice and what it answers for 429 and 404."""
+
+    route: ClassVar[str]
+    too_many: ClassVar[Any]
+    not_found: ClassVar[Any]
+    bad_field: ClassVar[tuple[str, Any]]  # what "bad_invoice" writes into the invoice
 
     api_key: str
     merchant_id: str
@@ -174,12 +180,47 @@ class CryptoSteroidSimulator:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/merchants/{merchant}/invoices/{invoice_id}", self._get)
+        app.router.add_get(self.route, self._get)
         return app
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        raise NotImplementedError
+
+    def _body(self, invoice: dict[str, Any]) -> Any:
+        return invoice
 
     async def _get(self, request: web.Request) -> web.Response:
         invoice_id = request.match_info["invoice_id"]
         self.requests.append(invoice_id)
+        if (refusal := self._refusal(request)) is not None:
+            return refusal
+        if self.faults:
+            fault = self.faults.popleft()
+            if fault == "429":
+                return json_answer(self.too_many, status=429)
+            if fault == "hang":
+                return await _hang()
+            if fault == "bad_invoice":
+                name, value = self.bad_field
+                return json_answer(self._body({**self.invoices.get(invoice_id, {}), name: value}))
+            if (answer := _faulty(fault)) is not None:
+                return answer
+        invoice = self.invoices.get(invoice_id)
+        if invoice is None:
+            return json_answer(self.not_found, status=404)
+        return json_answer(self._body(invoice))
+
+
+@dataclass
+class CryptoSteroidSimulator(_StatusSimulator):
+    """``GET /merchants/{merchant}/invoices/{invoice_id}`` with ``X-Api-Key`` (assumed route)."""
+
+    route: ClassVar[str] = "/merchants/{merchant}/invoices/{invoice_id}"
+    too_many: ClassVar[Any] = {"message": "Too Many Requests"}
+    not_found: ClassVar[Any] = {"message": "Not Found"}
+    bad_field: ClassVar[tuple[str, Any]] = ("fiatAmount", "NaN?")
+
+    def _refusal(self, request: web.Request) -> web.Response | None:
         presented = request.headers.get("X-Api-Key", "")
         if not hmac.compare_digest(presented.encode(), self.api_key.encode()):
             self.refused.append("api key")
@@ -187,42 +228,19 @@ class CryptoSteroidSimulator:
         if request.match_info["merchant"] != self.merchant_id:
             self.refused.append("merchant")
             return json_answer({"message": "Forbidden"}, status=403)
-        if self.faults:
-            fault = self.faults.popleft()
-            if fault == "429":
-                return json_answer({"message": "Too Many Requests"}, status=429)
-            if fault == "hang":
-                return await _hang()
-            if fault == "bad_invoice":
-                bad = {**self.invoices.get(invoice_id, {}), "fiatAmount": "NaN?"}
-                return json_answer(bad)
-            if (answer := _faulty(fault)) is not None:
-                return answer
-        invoice = self.invoices.get(invoice_id)
-        if invoice is None:
-            return json_answer({"message": "Not Found"}, status=404)
-        return json_answer(invoice)
+        return None
 
 
 @dataclass
-class CryptoPosSimulator:
+class CryptoPosSimulator(_StatusSimulator):
     """``GET /crypto/v1/status/{id}`` with ``apikey`` and ``merchantid`` headers."""
 
-    api_key: str
-    merchant_id: str
-    invoices: dict[str, dict[str, Any]] = field(default_factory=dict)
-    faults: collections.deque[Fault] = field(default_factory=collections.deque)
-    requests: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
+    route: ClassVar[str] = "/crypto/v1/status/{invoice_id}"
+    too_many: ClassVar[Any] = {"success": False}
+    not_found: ClassVar[Any] = {"success": False, "data": "invalid id"}
+    bad_field: ClassVar[tuple[str, Any]] = ("total", {"not": "a number"})
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/crypto/v1/status/{invoice_id}", self._status)
-        return app
-
-    async def _status(self, request: web.Request) -> web.Response:
-        invoice_id = request.match_info["invoice_id"]
-        self.requests.append(invoice_id)
+    def _refusal(self, request: web.Request) -> web.Response | None:
         key = request.headers.get("apikey", "")
         merchant = request.headers.get("merchantid", "")
         if not hmac.compare_digest(key.encode(), self.api_key.encode()) or (
@@ -230,21 +248,10 @@ class CryptoPosSimulator:
         ):
             self.refused.append("credentials")
             return json_answer({"success": False, "data": "unauthorized"}, status=401)
-        if self.faults:
-            fault = self.faults.popleft()
-            if fault == "429":
-                return json_answer({"success": False}, status=429)
-            if fault == "hang":
-                return await _hang()
-            if fault == "bad_invoice":
-                data = {**self.invoices.get(invoice_id, {}), "total": {"not": "a number"}}
-                return json_answer({"success": True, "data": data})
-            if (answer := _faulty(fault)) is not None:
-                return answer
-        invoice = self.invoices.get(invoice_id)
-        if invoice is None:
-            return json_answer({"success": False, "data": "invalid id"}, status=404)
-        return json_answer({"success": True, "data": invoice})
+        return None
+
+    def _body(self, invoice: dict[str, Any]) -> Any:
+        return {"success": True, "data": invoice}
 
 
 def max_in_a_minute(times: Iterable[float]) -> int:
