@@ -19,6 +19,7 @@ import structlog
 from schemas.events import InvoiceEvent
 from service.cli import main
 from service.settings import Settings
+from tests.fixtures_consume import read_topic
 from tests.fixtures_kafka import TEST_ENV
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -45,6 +46,18 @@ def payment_event(n: int, *, invoices: int, with_order: bool) -> InvoiceEvent:
         },
         InvoiceEvent,
     )
+
+
+async def event_ids_published(settings: Settings, count: int) -> set[str]:
+    """The distinct event ids on the events topic, once there are ``count`` of them (a killed
+    command's batch may be there twice)."""
+    records = await read_topic(
+        settings,
+        settings.events_topic,
+        lambda r: len({dict(x.headers)["event-id"] for x in r}) >= count,
+        within=60,
+    )
+    return {dict(r.headers)["event-id"].decode() for r in records}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent
 from service.consume.supervisor import Consumer
 from service.settings import Settings
-from tests.commands.conftest import Payhook, child, env_of, payment_event
+from tests.commands.conftest import Payhook, child, env_of, event_ids_published, payment_event
 from tests.fixtures_consume import (
     Record,
     counter,
@@ -156,15 +156,7 @@ async def test_a_redrive_killed_mid_way_and_run_again_skips_nothing(
     second = child(env, "dlq", "redrive")
     out, err = await asyncio.to_thread(second.communicate, timeout=120)
     assert second.returncode == 0, err
-    records = await read_topic(
-        settings,
-        settings.events_topic,
-        lambda r: len({dict(x.headers)["event-id"] for x in r}) >= count,
-        within=60,
-    )
-    assert {dict(r.headers)["event-id"].decode() for r in records} == {
-        f"e{n}" for n in range(count)
-    }
+    assert await event_ids_published(settings, count) == {f"e{n}" for n in range(count)}
     async with running_consumer(settings) as consumer:
         await wait_for(lambda: processed(consumer) == count, within=60, what="every event")
         for n in range(20):

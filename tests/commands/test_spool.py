@@ -16,7 +16,7 @@ from schemas.events import InvoiceEvent
 from service.ingest.spool import Spool, SpooledEvent
 from service.kafka import encode_event, event_headers, event_key
 from service.settings import Settings
-from tests.commands.conftest import Payhook, child, env_of, payment_event
+from tests.commands.conftest import Payhook, child, env_of, event_ids_published, payment_event
 from tests.fixtures_consume import read_topic, running_consumer, wait_for
 from tests.ingest.test_durability import start_serve, wait_status
 
@@ -180,13 +180,7 @@ async def test_a_drain_killed_mid_way_and_run_again_skips_nothing(
     second = child(env, "spool", "drain", str(spool_dir))
     _, err = await asyncio.to_thread(second.communicate, timeout=120)
     assert second.returncode == 0, err
-    records = await read_topic(
-        settings,
-        settings.events_topic,
-        lambda r: len({dict(x.headers)["event-id"] for x in r}) >= count,
-        within=60,
-    )
-    assert {dict(r.headers)["event-id"].decode() for r in records} == set(ids)
+    assert await event_ids_published(settings, count) == set(ids)
     # The consumer settles every invoice once per distinct event, repeats dropped.
     async with running_consumer(settings) as consumer:
         await wait_for(
