@@ -18,7 +18,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from devtools.devbroker import free_port
 from service.ingest.app import create_app
 from service.ingest.secrets import mint_secret
 from service.ingest.server import IngestRunner
@@ -177,12 +176,10 @@ async def app_client() -> AsyncIterator[ClientFactory]:
 
 
 @pytest.fixture
-def offline_settings(settings_factory: SettingsFactory) -> Settings:
+def offline_settings(settings_factory: SettingsFactory, unreachable: str) -> Settings:
     """Settings whose Kafka is a port nobody listens on and whose spool has no room: every
     publish is Unavailable (503), which proves a request passed every earlier check."""
-    return settings_factory(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}", publish_timeout=0.5, spool_max_bytes=1
-    )
+    return settings_factory(kafka_bootstrap=unreachable, publish_timeout=0.5, spool_max_bytes=1)
 
 
 @pytest.fixture

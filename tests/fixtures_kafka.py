@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import itertools
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,17 @@ TEST_ENV: dict[str, str] = {
 _prefixes = itertools.count()
 
 SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def unreachable() -> Iterator[str]:
+    """``127.0.0.1:PORT`` that refuses every connection for the whole test: the port stays
+    bound, never listening. A port merely found free and let go can be handed to the next
+    bind to port 0, the test's own HTTP server's included: a producer then spoke Kafka to it,
+    and the test saw a second request line (a 400 for the Kafka bytes)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture(scope="session")

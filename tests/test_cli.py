@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from devtools.devbroker import LocalBroker, free_port
+from devtools.devbroker import LocalBroker
 from devtools.devrun import dev_signing_keys
 from service import __version__
 from service.cli import main
@@ -98,9 +98,9 @@ def test_topics_creates_then_finds_them(
 
 
 def test_topics_reports_an_unreachable_broker(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], unreachable: str
 ) -> None:
-    monkeypatch.setenv("PAYHOOK_KAFKA_BOOTSTRAP", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("PAYHOOK_KAFKA_BOOTSTRAP", unreachable)
     assert main(["topics"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3

@@ -9,7 +9,6 @@ import signal
 
 import msgspec
 
-from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent
 from service.consume.supervisor import Consumer
 from service.settings import Settings
@@ -118,9 +117,9 @@ async def test_list_then_redrive_once_and_a_record_that_fails_again_returns_with
 
 
 async def test_an_unreachable_broker_is_one_line(
-    kafka_settings: Settings, payhook: Payhook
+    kafka_settings: Settings, payhook: Payhook, unreachable: str
 ) -> None:
-    env = env_of(kafka_settings, PAYHOOK_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}")
+    env = env_of(kafka_settings, PAYHOOK_KAFKA_BOOTSTRAP=unreachable)
     for args in (("list",), ("redrive",), ("redrive", "--dry-run")):
         ran = await payhook(env, "dlq", *args)
         assert ran.code == 1

@@ -115,12 +115,12 @@ async def test_drain_sends_in_order_with_acks_and_leaves_it_empty(
 
 
 async def test_drain_with_kafka_unreachable_leaves_the_spool_intact(
-    tmp_path: Path, payhook: Payhook, kafka_settings: Settings
+    tmp_path: Path, payhook: Payhook, kafka_settings: Settings, unreachable: str
 ) -> None:
     spool_dir = tmp_path / "spool"
     await fill(spool_dir, 5)
     before = snapshot(spool_dir)
-    env = env_of(kafka_settings, PAYHOOK_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}")
+    env = env_of(kafka_settings, PAYHOOK_KAFKA_BOOTSTRAP=unreachable)
     ran = await payhook(env, "spool", "drain", str(spool_dir))
     assert ran.code == 1
     assert len(ran.err.splitlines()) == 1

@@ -147,11 +147,9 @@ async def test_late_delivery_duplicate_is_absorbed_downstream(
 
 
 async def test_full_spool_answers_503_and_not_ready(
-    settings_factory: SettingsFactory, app_client: ClientFactory
+    settings_factory: SettingsFactory, app_client: ClientFactory, unreachable: str
 ) -> None:
-    settings = settings_factory(
-        kafka_bootstrap=f"127.0.0.1:{free_port()}", publish_timeout=0.3, spool_max_bytes=1
-    )
+    settings = settings_factory(kafka_bootstrap=unreachable, publish_timeout=0.3, spool_max_bytes=1)
     client = await app_client(settings)
     response = await post(client, settings, "o-3", webhook("o-3"))
     assert response.status == 503

@@ -14,7 +14,6 @@ import msgspec
 import pytest
 import structlog
 
-from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent, Settlement
 from service.providers import get
 from service.recover.process import Options, once
@@ -331,12 +330,15 @@ async def test_a_store_never_migrated_is_reported_not_created(
 
 
 async def test_a_sweep_that_cannot_publish_fails_and_the_next_one_publishes(
-    world: World, capsys: pytest.CaptureFixture[str], logs: list[MutableMapping[str, Any]]
+    world: World,
+    capsys: pytest.CaptureFixture[str],
+    logs: list[MutableMapping[str, Any]],
+    unreachable: str,
 ) -> None:
     world.bitfinex.invoices = [bitfinex_invoice(i, now_ms() - HOUR_MS) for i in range(2)]
     store = await open_store(world.settings.store_url)  # what consume creates
     await store.close()
-    down = dataclasses.replace(world.settings, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    down = dataclasses.replace(world.settings, kafka_bootstrap=unreachable)
     assert await once(down, world.options()) == 1
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("bitfinex: error listed=2 fetched=2 published=0 ")
