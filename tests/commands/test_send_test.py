@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from devtools.devbroker import free_port
 from schemas.events import InvoiceEvent
 from service.providers import PROVIDERS
 from service.providers.samples import SampleStatus
@@ -114,7 +113,7 @@ async def test_a_refused_notification_exits_1_with_the_answer(
         ({}, ("--provider", "paypal"), 2, "unknown provider 'paypal'"),
         ({}, ("--provider", "cryptopos", "--status", "expired"), 2, "no callback"),
         (
-            {"PAYHOOK_PUBLIC_URL": f"http://127.0.0.1:{free_port()}"},
+            {"PAYHOOK_PUBLIC_URL": "http://{unreachable}"},
             ("--provider", "cryptosteroid"),
             1,
             "PAYHOOK_PUBLIC_URL",
@@ -124,11 +123,13 @@ async def test_a_refused_notification_exits_1_with_the_answer(
 async def test_bad_input_is_one_line_naming_what_to_fix(
     kafka_settings: Settings,
     payhook: Payhook,
+    unreachable: str,
     change: dict[str, str],
     args: tuple[str, ...],
     code: int,
     says: str,
 ) -> None:
+    change = {k: v.format(unreachable=unreachable) for k, v in change.items()}
     env = {k: v for k, v in {**env_of(kafka_settings), **change}.items() if v}
     ran = await payhook(env, "send-test", *args)
     assert ran.code == code, ran

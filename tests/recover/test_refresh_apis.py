@@ -9,7 +9,6 @@ import aiohttp
 import msgspec
 import pytest
 
-from devtools.devbroker import free_port
 from service.providers import cryptopos, cryptosteroid
 from service.providers.api import (
     ApiError,
@@ -160,11 +159,11 @@ async def test_an_unknown_invoice_is_an_error_for_that_invoice_only(
 
 
 async def test_an_unreachable_api_is_unavailable(
-    clock: ManualClock, http: aiohttp.ClientSession
+    clock: ManualClock, http: aiohttp.ClientSession, unreachable: str
 ) -> None:
     api = StatusApi(
         http,
-        cryptosteroid.status_endpoint(f"http://127.0.0.1:{free_port()}", Secret(b"k"), CS_MERCHANT),
+        cryptosteroid.status_endpoint(f"http://{unreachable}", Secret(b"k"), CS_MERCHANT),
         clock=clock,
         policy=FAST_POLICY,
     )
