@@ -407,6 +407,62 @@ async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
         await store.close()
 
 
+def counting_consumer(commits: list[dict[TopicPartition, int]]) -> type[AIOKafkaConsumer]:
+    """The real Kafka consumer, noting the offsets of each commit."""
+
+    class CountingConsumer(AIOKafkaConsumer):  # type: ignore[misc]
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            commits.append(dict(offsets))
+            await super().commit(offsets)
+
+    return CountingConsumer
+
+
+async def test_a_busy_consumer_commits_on_a_cadence_and_an_idle_one_at_once(
+    consume_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While records keep coming, the offsets of many batches go in one commit (at most one per
+    COMMIT_INTERVAL, a broker request saved per batch); when they stop, the rest is committed
+    without waiting for more records."""
+    s = consume_settings
+    commits: list[dict[TopicPartition, int]] = []
+    monkeypatch.setattr(supervisor, "AIOKafkaConsumer", counting_consumer(commits))
+    events = [bitfinex_event(f"c{n}", 1, payments=[(f"c{n}", "0.001")]) for n in range(300)]
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
+    try:
+        async with running_consumer(s) as consumer:
+            await produce(s, [event_record(events[0])])
+            await wait_for(lambda: consumer.batches == 1, what="the first batch")
+            await producer.start()
+            # One event every 2 ms (a load, not a synchronization): several batches per interval.
+            for event in events[1:]:
+                key, value, headers = event_record(event)
+                await producer.send(s.events_topic, value, key=key, headers=headers)
+                await asyncio.sleep(0.002)
+            await producer.flush()
+            await wait_for(
+                lambda: (
+                    counter(consumer, "payhook_consumer_events_total", outcome="processed")
+                    == len(events)
+                ),
+                what="every event",
+            )
+
+            # Idle now: everything is committed while the consumer still runs.
+            def committed() -> int:
+                latest: dict[TopicPartition, int] = {}
+                for offsets in commits:
+                    latest.update(offsets)
+                return sum(latest.values())
+
+            await wait_for(lambda: committed() == len(events), what="the idle commit")
+            batches = consumer.batches - 1
+            assert sum((await committed_offsets(s)).values()) == len(events)
+        assert len(commits) < batches / 2, (len(commits), batches)
+    finally:
+        await producer.stop()
+
+
 async def test_consumer_on_postgres(kafka_settings: Settings, postgres_url: str) -> None:
     s = consumer_settings(kafka_settings, store_url=postgres_url)
     events = [
