@@ -97,12 +97,23 @@ def pack_batches(
 async def send_batched(
     producer: AIOKafkaProducer, topic: str, records: Iterable[Record]
 ) -> list[asyncio.Future[Any]]:
-    """Queues keyed records in batches (:func:`pack_batches`); a delivery future per batch."""
+    """Queues keyed records in batches (:func:`pack_batches`); a delivery future per batch.
+
+    Each future's failure is marked seen as it is queued: when a later batch's send raises,
+    the caller never gets the earlier ones, and aiokafka leaves an explicit batch's failure to
+    its caller (asyncio then logged "Future exception was never retrieved")."""
     partitions = sorted(await producer.partitions_for(topic))
-    return [
-        await producer.send_batch(builder, topic, partition=partition)
-        for partition, builder, _ in pack_batches(producer, partitions, records, _itself)
-    ]
+    futures: list[asyncio.Future[Any]] = []
+    for partition, builder, _ in pack_batches(producer, partitions, records, _itself):
+        future = await producer.send_batch(builder, topic, partition=partition)
+        future.add_done_callback(_seen)
+        futures.append(future)
+    return futures
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _itself(record: Record) -> Record:

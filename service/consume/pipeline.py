@@ -195,13 +195,16 @@ class Pipeline:
         # Fenced like a batch's publish: a version another consumer superseded meanwhile is
         # left to it.
         async with store.fence({i.key: i.version for i in items}) as current:
-            futures = [
-                await producer.send(
-                    self.settings.settlements_topic, value=item.settlement, key=item.key.encode()
-                )
-                for item in items
-                if item.key in current
-            ]
+            futures = []
+            for item in items:
+                if item.key in current:
+                    future = await producer.send(
+                        self.settings.settlements_topic,
+                        value=item.settlement,
+                        key=item.key.encode(),
+                    )
+                    future.add_done_callback(retrieve)  # seen even if a later send raises
+                    futures.append(future)
             await acked(futures, self.settings.commit_timeout)
         await store.mark_published([(i.key, i.version) for i in items if i.key in current])
         log.info("outbox_published", settlements=len(futures))
@@ -387,11 +390,14 @@ class Pipeline:
                 ("source-partition", str(tp.partition).encode()),
                 ("source-offset", str(record.offset).encode()),
             ]
-            futures.append(
-                await producer.send(
-                    settings.dlq_topic, value=record.value, key=record.key, headers=headers
-                )
+            future = await producer.send(
+                settings.dlq_topic, value=record.value, key=record.key, headers=headers
             )
+            # Seen at once, not only in acked(): a later send or the fence may raise first,
+            # and this send, abandoned, then failed unseen ("Future exception was never
+            # retrieved" when the broker was gone).
+            future.add_done_callback(retrieve)
+            futures.append(future)
         encode = _encoder.encode
         outbox = writes.outbox
         async with self._store().fence({k: s.version for k, s in outbox.items()}) as current:

@@ -28,6 +28,7 @@ from service.store import TRANSIENT_ERRORS, Store, open_store
 log = structlog.get_logger("payhook.consume")
 
 _RETRY_SECONDS: Final = 1.0
+_CLOSE_SECONDS: Final = 2.0  # closing sockets and cancelling tasks: no broker round trip
 FETCH_MAX_WAIT_MS: Final = 10
 
 
@@ -175,8 +176,10 @@ class Consumer:
             max_batch_size=512 * 1024,
             request_timeout_ms=int(settings.commit_timeout * 1000),
         )
-        await producer.start()
+        # Held before it starts: a start cut short (the connect deadline) leaves connections
+        # that only its stop closes.
         self._producer = producer
+        await producer.start()
         await self.pipeline.publish_outbox(producer)
 
     async def _connect_consumer(self) -> None:
@@ -210,7 +213,7 @@ class Consumer:
             if client is None:
                 continue
             try:
-                if not await bounded(client.stop(), timeout, self._leftovers):
+                if not await bounded(_stop(client), timeout, self._leftovers):
                     log.warning("client_stop_unfinished", client=name)
             except (KafkaError, OSError) as exc:
                 # A broken client may fail to stop cleanly; it is dropped all the same.
@@ -252,3 +255,33 @@ class Consumer:
         # The consumer exposes no client of its own; its metadata refresh goes through this one.
         if not await cluster_answers(consumer._client, self.settings.commit_timeout):
             raise Stalled("the broker stopped answering")
+
+
+async def _stop(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """``client.stop()``; when that is given up on (cancelled), its connections are closed all
+    the same. aiokafka's producer stop first waits for every queued batch to be delivered or to
+    fail, which can outlast a broker outage (aio-libs/aiokafka#1101); a stop cancelled there
+    (or in the consumer's group leave) has already marked itself closed and never reaches its
+    client's close: the sockets were left to the garbage collector, an unclosed-socket
+    ResourceWarning in whichever later test ran it."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        await _close_connections(client)
+        raise
+
+
+async def _close_connections(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """What aiokafka's stop does after its waits: the background tasks and the connections
+    (private attributes of aiokafka 0.14; the connections first, so that the producer's sender,
+    which awaits its in-flight requests when cancelled, finds them failed)."""
+    with contextlib.suppress(TimeoutError, KafkaError, OSError):
+        async with asyncio.timeout(_CLOSE_SECONDS):
+            if isinstance(client, AIOKafkaProducer):
+                await client.client.close()
+                if client._sender is not None:
+                    await client._sender.close()
+            else:
+                if client._fetcher is not None:
+                    await client._fetcher.close()
+                await client._client.close()
