@@ -17,6 +17,13 @@ pytest_plugins = [
 ]
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What collection built (modules, hypothesis, fixtures) lives to the end: moved out of the
+    collector's sight, so that each collection below scans only what the tests allocate."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(autouse=True)
 def _collect_what_the_test_left(request: pytest.FixtureRequest) -> Iterator[None]:
     """A socket or future a test leaks is reported (ResourceWarning, "Future exception was never
@@ -24,8 +31,8 @@ def _collect_what_the_test_left(request: pytest.FixtureRequest) -> Iterator[None
     test happened to trigger a collection (a pure hypothesis test once failed for an aiokafka
     connection left earlier). Collecting after each test that used the broker pins the
     warning on the test that caused it; pytest's unraisable-exception hook then fails that
-    test. Only those: a collection costs ~0.1 s here (45 in tests/consume and tests/commands:
-    4.6 s); after every async test it would add ~20 s to the suite."""
+    test. Only those (about 60 in the suite): with collection's objects frozen, the 44 in
+    tests/consume and tests/commands take 0.4 s in all (4.6 s unfrozen)."""
     yield
     if "kafka_broker" in request.fixturenames:
         gc.collect()
