@@ -458,7 +458,10 @@ async def test_a_busy_consumer_commits_on_a_cadence_and_an_idle_one_at_once(
             await wait_for(lambda: committed() == len(events), what="the idle commit")
             batches = consumer.batches - 1
             assert sum((await committed_offsets(s)).values()) == len(events)
-        assert len(commits) < batches / 2, (len(commits), batches)
+        # Some commits carried several batches (committing every batch gives commits >= batches).
+        # How many depends on the machine's pace (a slow batch can take a whole interval), so
+        # the count is not pinned: under a loaded CI runner 11 commits for 14 batches was seen.
+        assert len(commits) < batches, (len(commits), batches)
     finally:
         await producer.stop()
 
