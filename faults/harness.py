@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Final
 
 import aiohttp
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from devtools.devbroker import LocalBroker, free_port
@@ -393,15 +393,16 @@ class Load:
 # --- what arrived ---------------------------------------------------------------------------
 
 
-async def read_topic(
+async def read_from_start(
     bootstrap: str,
     topic: str,
-    done: Callable[[collections.Counter[str]], bool],
+    take: Callable[[ConsumerRecord[bytes, bytes]], None],
+    done: Callable[[], bool],
     within: float,
-) -> collections.Counter[str]:
-    """Reads ``topic`` from the start until ``done(event-id counts)`` holds and a poll comes
-    back empty, or until ``within`` seconds passed (the caller reports what is missing)."""
-    counts: collections.Counter[str] = collections.Counter()
+) -> None:
+    """Reads ``topic`` from the start, every record through ``take``, until ``done()`` holds and
+    a poll comes back empty, or until ``within`` seconds passed (the caller reports what is
+    missing)."""
     deadline = time.monotonic() + within
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
@@ -423,14 +424,29 @@ async def read_topic(
             for records in batches.values():
                 for record in records:
                     got += 1
-                    counts[dict(record.headers)["event-id"].decode()] += 1
+                    take(record)
             if satisfied and not got:
                 break
-            satisfied = done(counts)
+            satisfied = done()
     except KafkaError:
         pass  # what was read so far is the answer
     finally:
         await consumer.stop()
+
+
+async def read_topic(
+    bootstrap: str,
+    topic: str,
+    done: Callable[[collections.Counter[str]], bool],
+    within: float,
+) -> collections.Counter[str]:
+    """How often each event id is on ``topic``, read until ``done(counts)`` holds."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def take(record: ConsumerRecord[bytes, bytes]) -> None:
+        counts[dict(record.headers)["event-id"].decode()] += 1
+
+    await read_from_start(bootstrap, topic, take, lambda: done(counts), within)
     return counts
 
 

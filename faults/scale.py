@@ -23,8 +23,7 @@ from typing import Final
 import aiohttp
 import asyncpg
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka import ConsumerRecord
 
 from devtools.devbroker import free_port
 from faults.harness import (
@@ -35,6 +34,7 @@ from faults.harness import (
     Stored,
     Verdict,
     Webhook,
+    read_from_start,
     wait_status,
 )
 from service.consume.reconcile import InvoiceState
@@ -171,42 +171,21 @@ async def read_settlements(
     """Reads ``topic`` from the start until every key shows its ``expected`` version and a poll
     comes back empty (or ``within`` passed): each key's records in partition order."""
     log: SettlementLog = collections.defaultdict(list)
-    deadline = time.monotonic() + within
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    try:
-        partitions: set[int] = set()
-        while not partitions and time.monotonic() < deadline:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic) or set()
-            if not partitions:
-                await asyncio.sleep(0.1)  # waiting for the topic's metadata to appear
-        consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
-        await consumer.seek_to_beginning()
-        satisfied = False
-        while time.monotonic() < deadline:
-            batches = await consumer.getmany(timeout_ms=300)
-            got = 0
-            for records in batches.values():
-                for record in records:
-                    got += 1
-                    assert record.key is not None
-                    assert record.value is not None
-                    version = _VERSION.decode(record.value)["version"]
-                    assert isinstance(version, int)
-                    log[record.key.decode()].append((version, record.value))
-            if satisfied and not got:
-                break
-            satisfied = all(
-                log.get(key) and max(v for v, _ in log[key]) >= version
-                for key, version in expected.items()
-            )
-    except KafkaError:
-        pass  # what was read so far is the answer
-    finally:
-        await consumer.stop()
+
+    def take(record: ConsumerRecord[bytes, bytes]) -> None:
+        assert record.key is not None
+        assert record.value is not None
+        version = _VERSION.decode(record.value)["version"]
+        assert isinstance(version, int)
+        log[record.key.decode()].append((version, record.value))
+
+    def done() -> bool:
+        return all(
+            log.get(key) and max(v for v, _ in log[key]) >= version
+            for key, version in expected.items()
+        )
+
+    await read_from_start(bootstrap, topic, take, done, within)
     return dict(log)
 
 
