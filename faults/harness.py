@@ -546,18 +546,21 @@ def judge(
     consumer_duplicates: int,
 ) -> Verdict:
     """Every 2xx must be on the topic (``on_topic``: all reads of it, summed) and counted
-    exactly once in the store, with the paid amount its one notification states."""
+    exactly once in the store, with the paid amount the invoice's last notification states."""
     accepted = [o for o in outcomes if o.status == 200 and o.event_id is not None]
     problems = [
         f"{o.webhook.key}: HTTP {o.status}" for o in outcomes if o.status not in {200, None}
     ]
     lost = [o for o in accepted if o.event_id not in on_topic]
+    final: dict[str, Decimal] = {}
+    for o in outcomes:
+        final[o.webhook.key] = o.webhook.paid  # posted in order: the last one wins
     miscounted: list[str] = []
     for o in accepted:
         assert o.event_id is not None
         times = stored.counted[o.event_id]
         paid = stored.paid.get(o.webhook.key)
-        if times != 1 or paid is None or paid != o.webhook.paid:
+        if times != 1 or paid is None or paid != final[o.webhook.key]:
             miscounted.append(f"{o.webhook.key}: counted {times}x, paid {paid}")
     problems += [f"lost {o.webhook.key} ({o.event_id})" for o in lost] + miscounted
     return Verdict(

@@ -34,6 +34,7 @@ from faults.harness import (
     Stored,
     Verdict,
     Webhook,
+    judge,
     read_from_start,
     wait_status,
 )
@@ -220,33 +221,11 @@ def judge_two_step(
     settlement_records: int,
 ) -> Verdict:
     """Every 2xx on the events topic and counted exactly once; each invoice's paid amount is
-    what its last notification states; the settlements topic judged as above."""
-    accepted = [o for o in outcomes if o.status == 200 and o.event_id is not None]
-    problems = [
-        f"{o.webhook.key}: HTTP {o.status}" for o in outcomes if o.status not in {200, None}
-    ]
-    lost = [o for o in accepted if o.event_id not in on_topic]
-    final: dict[str, Decimal] = {}
-    for o in outcomes:
-        final[o.webhook.key] = o.webhook.paid  # posted in order: the last one wins
-    miscounted: list[str] = []
-    for o in accepted:
-        assert o.event_id is not None
-        times = stored.counted[o.event_id]
-        paid = stored.paid.get(o.webhook.key)
-        if times != 1 or paid != final[o.webhook.key]:
-            miscounted.append(f"{o.webhook.key}: counted {times}x, paid {paid}")
-    problems += [f"lost {o.webhook.key} ({o.event_id})" for o in lost] + miscounted + settlements
-    return Verdict(
-        fault=fault,
-        sent=len(outcomes),
-        accepted=len(accepted),
-        found=len(accepted) - len(lost),
-        lost=len(lost),
-        topic_duplicates=sum(n - 1 for n in on_topic.values() if n > 1),
-        consumer_duplicates=consumer_duplicates,
-        miscounted=len(miscounted),
-        problems=problems,
+    what its last notification states (:func:`judge`); the settlements topic judged as above."""
+    verdict = judge(fault, outcomes, on_topic, stored, consumer_duplicates)
+    return replace(
+        verdict,
+        problems=verdict.problems + settlements,
         settlements=settlement_records,
         settlement_faults=len(settlements),
     )
