@@ -29,6 +29,7 @@ from service.consume import supervisor
 from service.consume.pipeline import BATCH_INTERVAL
 from service.consume.process import serve
 from service.consume.reconcile import InvoiceState, apply_batch, invoice_key
+from service.consume.supervisor import Consumer
 from service.kafka import TOPIC_PARTITIONS, encode_event
 from service.settings import Settings
 from service.store import OutboxItem, Published, Store, W, Writes, open_store
@@ -365,6 +366,24 @@ def timed_consumer(reads: list[float]) -> type[AIOKafkaConsumer]:
     return TimedConsumer
 
 
+async def stream_steadily(
+    s: Settings, producer: AIOKafkaProducer, consumer: Consumer, events: list[InvoiceEvent]
+) -> None:
+    """Sends ``events[1:]`` one every 2 ms (a load, not a synchronization: several per batch
+    interval), then waits until the consumer processed every one of ``events``."""
+    for event in events[1:]:
+        key, value, headers = event_record(event)
+        await producer.send(s.events_topic, value, key=key, headers=headers)
+        await asyncio.sleep(0.002)
+    await producer.flush()
+    await wait_for(
+        lambda: (
+            counter(consumer, "payhook_consumer_events_total", outcome="processed") == len(events)
+        ),
+        what="every event",
+    )
+
+
 async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
     consume_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -382,19 +401,7 @@ async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
             await wait_for(lambda: consumer.batches == 1, what="the first batch")
             await producer.start()
             first, first_read = len(store.starts), len(reads)
-            # One event every 2 ms (a load, not a synchronization): several per interval.
-            for event in events[1:]:
-                key, value, headers = event_record(event)
-                await producer.send(s.events_topic, value, key=key, headers=headers)
-                await asyncio.sleep(0.002)
-            await producer.flush()
-            await wait_for(
-                lambda: (
-                    counter(consumer, "payhook_consumer_events_total", outcome="processed")
-                    == len(events)
-                ),
-                what="every event",
-            )
+            await stream_steadily(s, producer, consumer, events)
         # A batch is read no sooner than the interval after the previous one ended (exactly:
         # within the clock's resolution). Timed at the read, not at the store transaction: on a
         # loaded machine the decode between the two was once preempted for 3 ms.
@@ -434,19 +441,7 @@ async def test_a_busy_consumer_commits_on_a_cadence_and_an_idle_one_at_once(
             await produce(s, [event_record(events[0])])
             await wait_for(lambda: consumer.batches == 1, what="the first batch")
             await producer.start()
-            # One event every 2 ms (a load, not a synchronization): several batches per interval.
-            for event in events[1:]:
-                key, value, headers = event_record(event)
-                await producer.send(s.events_topic, value, key=key, headers=headers)
-                await asyncio.sleep(0.002)
-            await producer.flush()
-            await wait_for(
-                lambda: (
-                    counter(consumer, "payhook_consumer_events_total", outcome="processed")
-                    == len(events)
-                ),
-                what="every event",
-            )
+            await stream_steadily(s, producer, consumer, events)
 
             # Idle now: everything is committed while the consumer still runs.
             def committed() -> int:

@@ -6,7 +6,7 @@ event about another order's invoice goes to the DLQ as ``order_conflict`` (rule 
 from __future__ import annotations
 
 import sqlite3
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import orjson
 from schemas.events import InvoiceEvent
 from service.settings import Settings
 from service.store import open_store
+from tests.consume.test_pipeline import T0
 from tests.fixtures_app import SEED_003, SEED_003_ORDER, ClientFactory, bitfinex, token_for
 from tests.fixtures_consume import (
     Records,
@@ -31,7 +32,6 @@ from tests.fixtures_consume import (
     wait_for,
 )
 
-T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
 NUL_INVOICE = "nul\u0000inv"
 SEED_INVOICE = "a6761c8b-468f-40ad-a522-cc5e41c39757"
 
