@@ -6,7 +6,11 @@ batch's new settlement versions (the latest per invoice) and DLQ records with ``
 commit the offsets. While one batch is being published and committed the next is already read
 and stored, and no third is read until the first is done; commits stay in batch order. The batch
 size follows the load: the first record after a quiet moment is taken at once, and while records
-keep coming a batch starts at most every ``BATCH_INTERVAL``, taking all that arrived meanwhile.
+keep coming a batch starts at most every :func:`batch_interval` after the previous one, taking
+all that arrived meanwhile; that interval grows with the rate of records, from nothing at a
+trickle to ``BATCH_INTERVAL`` when busy. Between the batches of a stream the partitions are
+paused, so that the records of the interval wait at the broker and one fetch, made as the next
+batch is due, brings them all.
 Offsets are committed only after both the store transaction and the publish, so a crash
 anywhere reprocesses the batch, and idempotency makes that harmless. While busy, the offsets
 of the batches published since the last commit are committed together at most every
@@ -21,6 +25,7 @@ when this raises :class:`Stalled` or a Kafka error.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -55,10 +60,22 @@ _encoder: Final = PlainEncoder()  # amounts in plain notation
 # How often an idle consumer checks that the broker still answers (the supervisor's probe).
 _PROBE_SECONDS: Final = 1.0
 # While records keep coming, a batch starts at most this long after the previous one, so the
-# records of that time make one batch: one store transaction and one publish (each
-# batch costs about 2 ms of CPU between the consumer and the local broker, whatever its size).
-# The first record after a quiet moment does not wait.
+# records of that time make one batch: one store transaction and one publish (each batch costs
+# about 2 ms of CPU between the consumer and the local broker, whatever its size). The interval
+# grows with the rate of records and reaches this at BUSY_RATE; the first record after a quiet
+# moment does not wait. Measured in bench.mixed (3 runs each): a fixed 5 ms gave 200/s its
+# best time to settlement (p50 7.2-7.5 ms against 10.1-10.6 at 10 ms) and 1,000/s its worst
+# (p50 28-30 ms, answer p99 30-32 ms: the batches' CPU, the broker's mostly, crowds the
+# webhooks out) where 10 ms gave 25-28 and 20-24 ms.
 BATCH_INTERVAL: Final = 0.010
+BUSY_RATE: Final = 1000.0  # records/s
+_RATE_WINDOW: Final = 0.5  # seconds of reads the rate is measured over
+# Between two batches of a stream the partitions are paused and resumed this long before the
+# next batch is due (about a fetch's round trip under load). Unpaused, aiokafka fetches as soon
+# as a batch is read and holds what that fetch brings until the next read, fetching nothing
+# more meanwhile: every record then waited a whole interval more (bench.mixed at 200/s, 2xx ->
+# settlement p50 20 ms; 8-11 ms paused).
+FETCH_LEAD: Final = 0.002
 # While busy, offsets are committed at most this often, for the batches published since; when
 # the records stop, at once. Each commit is a broker request (OffsetCommit), and the local
 # broker's CPU is the stack's largest cost (833 us per webhook at 1,000/s in bench.mixed):
@@ -131,6 +148,32 @@ def _reason(exc: Exception) -> str:
     """The store's refusal, for a log line and a DLQ header (no record content beyond what the
     database quotes, bounded)."""
     return f"{type(exc).__name__}: {exc}"[:_DLQ_ERROR_MAX]
+
+
+def batch_interval(rate: float) -> float:
+    """How long after a batch the next one starts while records keep coming at ``rate`` a
+    second: in proportion, up to ``BATCH_INTERVAL`` from ``BUSY_RATE``. A light load is not made
+    to wait (CPU is plentiful then), a heavy one is taken in fewer, larger batches."""
+    return min(BATCH_INTERVAL, max(0.0, rate) * BATCH_INTERVAL / BUSY_RATE)
+
+
+@final
+class _Rate:
+    """Records read per second over the last ``_RATE_WINDOW``."""
+
+    __slots__ = ("_reads", "_total")
+
+    def __init__(self) -> None:
+        self._reads: collections.deque[tuple[float, int]] = collections.deque()
+        self._total = 0
+
+    def add(self, now: float, records: int) -> float:
+        reads = self._reads
+        reads.append((now, records))
+        self._total += records
+        while reads[0][0] < now - _RATE_WINDOW:
+            self._total -= reads.popleft()[1]
+        return self._total / _RATE_WINDOW
 
 
 async def _sleep_until(moment: float) -> None:
@@ -221,13 +264,15 @@ class Pipeline:
         ``idle`` runs about once a second while no record arrives (the supervisor's probe)."""
         probed = time.monotonic()
         next_batch = 0.0  # when the next batch may start; 0 while records do not keep coming
+        rate = _Rate()
         # Offsets held for a new consumer's positions would be wrong: its records come again.
         self._durable = {}
         self._consumer = consumer
         try:
             while not stop.is_set():
                 if next_batch:
-                    await _sleep_until(next_batch)
+                    await _sleep_until(next_batch - FETCH_LEAD)
+                    consumer.resume(*consumer.paused())
                 # While a batch is in flight or offsets wait for their commit, a read that
                 # finds nothing returns soon, so that the commit of an idle moment is not late.
                 waiting = self._inflight is not None or bool(self._durable)
@@ -235,7 +280,14 @@ class Pipeline:
                     timeout_ms=BATCH_INTERVAL * 1000 if waiting else 200,
                     max_records=self.settings.consumer_batch_max,
                 )
-                next_batch = time.monotonic() + BATCH_INTERVAL if batch else 0.0
+                if batch:
+                    now = time.monotonic()
+                    records = rate.add(now, sum(map(len, batch.values())))
+                    next_batch = now + batch_interval(records)
+                    # Before the fetcher runs again: no fetch until the next batch is due.
+                    consumer.pause(*consumer.assignment())
+                else:
+                    next_batch = 0.0
                 if self._inflight is not None and self._inflight.done():
                     inflight, self._inflight = self._inflight, None
                     inflight.result()  # a failed publish or commit restarts the clients

@@ -25,8 +25,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from devtools.devbroker import LocalBroker
 from schemas.events import InvoiceEvent
-from service.consume import supervisor
-from service.consume.pipeline import BATCH_INTERVAL
+from service.consume import pipeline, supervisor
+from service.consume.pipeline import BATCH_INTERVAL, FETCH_LEAD
 from service.consume.process import serve
 from service.consume.reconcile import InvoiceState, apply_batch, invoice_key
 from service.consume.supervisor import Consumer
@@ -352,11 +352,26 @@ class TimedStore(WrappedStore):
         self.starts.append(time.monotonic())
 
 
-def timed_consumer(reads: list[float]) -> type[AIOKafkaConsumer]:
+def timed_consumer(
+    reads: list[float], fetches: list[float] | None = None
+) -> type[AIOKafkaConsumer]:
     """The real Kafka consumer, noting when each read that returned records (a batch) ends:
-    where the pipeline paces its batches, so what is timed is the pacing itself."""
+    where the pipeline paces its batches, so what is timed is the pacing itself; and, given
+    ``fetches``, when each fetch request is sent to the broker."""
 
     class TimedConsumer(AIOKafkaConsumer):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if fetches is not None:
+                send = self._client.send
+
+                async def timed_send(node_id: int, request: Any, **options: Any) -> Any:
+                    if type(request).__name__.startswith("FetchRequest"):
+                        fetches.append(time.monotonic())
+                    return await send(node_id, request, **options)
+
+                self._client.send = timed_send
+
         async def getmany(self, *partitions: TopicPartition, **options: Any) -> Any:
             batch = await super().getmany(*partitions, **options)
             if batch:
@@ -369,12 +384,12 @@ def timed_consumer(reads: list[float]) -> type[AIOKafkaConsumer]:
 async def stream_steadily(
     s: Settings, producer: AIOKafkaProducer, consumer: Consumer, events: list[InvoiceEvent]
 ) -> None:
-    """Sends ``events[1:]`` one every 2 ms (a load, not a synchronization: several per batch
+    """Sends ``events[1:]`` one every ms (a load, not a synchronization: several per batch
     interval), then waits until the consumer processed every one of ``events``."""
     for event in events[1:]:
         key, value, headers = event_record(event)
         await producer.send(s.events_topic, value, key=key, headers=headers)
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0.001)
     await producer.flush()
     await wait_for(
         lambda: (
@@ -392,6 +407,9 @@ async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
     s = consume_settings
     reads: list[float] = []
     monkeypatch.setattr(supervisor, "AIOKafkaConsumer", timed_consumer(reads))
+    # The pacing, at the interval of a busy stream (what interval the rate gives is a unit
+    # test's business).
+    monkeypatch.setattr(pipeline, "batch_interval", lambda rate: BATCH_INTERVAL)
     store = TimedStore(await open_store(s.store_url))
     events = [bitfinex_event(f"s{n}", 1, payments=[(f"s{n}", "0.001")]) for n in range(300)]
     producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
@@ -402,16 +420,48 @@ async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
             await producer.start()
             first, first_read = len(store.starts), len(reads)
             await stream_steadily(s, producer, consumer, events)
-        # A batch is read no sooner than the interval after the previous one ended (exactly:
-        # within the clock's resolution). Timed at the read, not at the store transaction: on a
-        # loaded machine the decode between the two was once preempted for 3 ms.
+        # A batch is read no sooner than the interval after the previous one ended, less the
+        # fetch's lead (exactly: within the clock's resolution). Timed at the read, not at the
+        # store transaction: on a loaded machine the decode between the two was once
+        # preempted for 3 ms.
         gaps = [b - a for a, b in itertools.pairwise(reads[first_read:])]
-        assert min(gaps) >= BATCH_INTERVAL - 1e-6, sorted(gaps)[:5]
+        assert min(gaps) >= BATCH_INTERVAL - FETCH_LEAD - 1e-6, sorted(gaps)[:5]
         # One store transaction per batch, so far fewer than events.
         assert len(store.starts) - first < len(events) / 2
     finally:
         await producer.stop()
         await store.close()
+
+
+async def test_between_the_batches_of_a_stream_nothing_is_fetched_until_the_next_is_due(
+    consume_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka fetches again as soon as a batch is read and holds what that fetch brings until
+    the next read: its records would wait a whole interval more. Paused in between, the
+    partitions are fetched once the next batch is due, and that fetch brings the records of
+    the whole interval."""
+    s = consume_settings
+    reads: list[float] = []
+    fetches: list[float] = []
+    monkeypatch.setattr(supervisor, "AIOKafkaConsumer", timed_consumer(reads, fetches))
+    monkeypatch.setattr(pipeline, "batch_interval", lambda rate: BATCH_INTERVAL)
+    events = [bitfinex_event(f"p{n}", 1, payments=[(f"p{n}", "0.001")]) for n in range(200)]
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
+    try:
+        async with running_consumer(s) as consumer:
+            await produce(s, [event_record(events[0])])
+            await wait_for(lambda: consumer.batches == 1, what="the first batch")
+            await producer.start()
+            first_read = len(reads)
+            await stream_steadily(s, producer, consumer, events)
+    finally:
+        await producer.stop()
+    streamed = reads[first_read:]
+    assert len(streamed) >= 5, streamed
+    for read, next_read in itertools.pairwise(streamed):
+        due = read + BATCH_INTERVAL - FETCH_LEAD - 1e-6
+        early = [f for f in fetches if read < f < min(due, next_read)]
+        assert not early, f"fetched {[round((f - read) * 1000, 2) for f in early]} ms after a read"
 
 
 def counting_consumer(commits: list[dict[TopicPartition, int]]) -> type[AIOKafkaConsumer]:
