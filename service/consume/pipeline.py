@@ -60,10 +60,12 @@ _encoder: Final = PlainEncoder()  # amounts in plain notation
 # How often an idle consumer checks that the broker still answers (the supervisor's probe).
 _PROBE_SECONDS: Final = 1.0
 # While records keep coming, a batch starts at most this long after the previous one, so the
-# records of that time make one batch: one store transaction and one publish (each batch costs
-# about 2 ms of CPU between the consumer and the local broker, whatever its size). The interval
-# grows with the rate of records and reaches this at BUSY_RATE; the first record after a quiet
-# moment does not wait. Measured in bench.mixed (3 runs each): a fixed 5 ms gave 200/s its
+# records of that time make one batch: one store transaction, one fetch and one publish (each
+# batch costs about 2 ms of the consumer's CPU whatever its size, and the local broker 1-3 ms a
+# fetch that finds records, more the more records it holds: 1.2 -> 2.75 ms for a produce and
+# its fetch between 0 and 150,000 records, one runtime thread). The interval grows with the
+# rate of records and reaches this at BUSY_RATE; the first record after a quiet moment does not
+# wait. Measured in bench.mixed (3 runs each): a fixed 5 ms gave 200/s its
 # best time to settlement (p50 7.2-7.5 ms against 10.1-10.6 at 10 ms) and 1,000/s its worst
 # (p50 28-30 ms, answer p99 30-32 ms: the batches' CPU, the broker's mostly, crowds the
 # webhooks out) where 10 ms gave 25-28 and 20-24 ms.
