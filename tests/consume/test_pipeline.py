@@ -382,19 +382,27 @@ def timed_consumer(
 
 
 async def stream_steadily(
-    s: Settings, producer: AIOKafkaProducer, consumer: Consumer, events: list[InvoiceEvent]
+    s: Settings, consumer: Consumer, count: int, after_first: Callable[[], object] = list
 ) -> None:
-    """Sends ``events[1:]`` one every ms (a load, not a synchronization: several per batch
-    interval), then waits until the consumer processed every one of ``events``."""
-    for event in events[1:]:
-        key, value, headers = event_record(event)
-        await producer.send(s.events_topic, value, key=key, headers=headers)
-        await asyncio.sleep(0.001)
-    await producer.flush()
+    """Sends the first of ``count`` new events and waits for its batch (``after_first`` runs
+    then), sends the others one every ms (a load, not a synchronization: several per batch
+    interval), then waits until the consumer processed every one."""
+    events = [bitfinex_event(f"s{n}", 1, payments=[(f"s{n}", "0.001")]) for n in range(count)]
+    await produce(s, [event_record(events[0])])
+    await wait_for(lambda: consumer.batches == 1, what="the first batch")
+    after_first()
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    try:
+        for event in events[1:]:
+            key, value, headers = event_record(event)
+            await producer.send(s.events_topic, value, key=key, headers=headers)
+            await asyncio.sleep(0.001)
+        await producer.flush()
+    finally:
+        await producer.stop()
     await wait_for(
-        lambda: (
-            counter(consumer, "payhook_consumer_events_total", outcome="processed") == len(events)
-        ),
+        lambda: counter(consumer, "payhook_consumer_events_total", outcome="processed") == count,
         what="every event",
     )
 
@@ -411,15 +419,14 @@ async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
     # test's business).
     monkeypatch.setattr(pipeline, "batch_interval", lambda rate: BATCH_INTERVAL)
     store = TimedStore(await open_store(s.store_url))
-    events = [bitfinex_event(f"s{n}", 1, payments=[(f"s{n}", "0.001")]) for n in range(300)]
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
+    count = 300
+    marks: list[int] = []  # store transactions and reads before the stream
     try:
         async with running_consumer(s, store) as consumer:
-            await produce(s, [event_record(events[0])])
-            await wait_for(lambda: consumer.batches == 1, what="the first batch")
-            await producer.start()
-            first, first_read = len(store.starts), len(reads)
-            await stream_steadily(s, producer, consumer, events)
+            await stream_steadily(
+                s, consumer, count, lambda: marks.extend((len(store.starts), len(reads)))
+            )
+        first, first_read = marks
         # A batch is read no sooner than the interval after the previous one ended, less the
         # fetch's lead (exactly: within the clock's resolution). Timed at the read, not at the
         # store transaction: on a loaded machine the decode between the two was once
@@ -427,9 +434,8 @@ async def test_a_steady_stream_is_taken_in_batches_at_most_one_interval_apart(
         gaps = [b - a for a, b in itertools.pairwise(reads[first_read:])]
         assert min(gaps) >= BATCH_INTERVAL - FETCH_LEAD - 1e-6, sorted(gaps)[:5]
         # One store transaction per batch, so far fewer than events.
-        assert len(store.starts) - first < len(events) / 2
+        assert len(store.starts) - first < count / 2
     finally:
-        await producer.stop()
         await store.close()
 
 
@@ -445,18 +451,10 @@ async def test_between_the_batches_of_a_stream_nothing_is_fetched_until_the_next
     fetches: list[float] = []
     monkeypatch.setattr(supervisor, "AIOKafkaConsumer", timed_consumer(reads, fetches))
     monkeypatch.setattr(pipeline, "batch_interval", lambda rate: BATCH_INTERVAL)
-    events = [bitfinex_event(f"p{n}", 1, payments=[(f"p{n}", "0.001")]) for n in range(200)]
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
-    try:
-        async with running_consumer(s) as consumer:
-            await produce(s, [event_record(events[0])])
-            await wait_for(lambda: consumer.batches == 1, what="the first batch")
-            await producer.start()
-            first_read = len(reads)
-            await stream_steadily(s, producer, consumer, events)
-    finally:
-        await producer.stop()
-    streamed = reads[first_read:]
+    first_read: list[int] = []
+    async with running_consumer(s) as consumer:
+        await stream_steadily(s, consumer, 200, lambda: first_read.append(len(reads)))
+    streamed = reads[first_read[0] :]
     assert len(streamed) >= 5, streamed
     for read, next_read in itertools.pairwise(streamed):
         due = read + BATCH_INTERVAL - FETCH_LEAD - 1e-6
@@ -484,31 +482,24 @@ async def test_a_busy_consumer_commits_on_a_cadence_and_an_idle_one_at_once(
     s = consume_settings
     commits: list[dict[TopicPartition, int]] = []
     monkeypatch.setattr(supervisor, "AIOKafkaConsumer", counting_consumer(commits))
-    events = [bitfinex_event(f"c{n}", 1, payments=[(f"c{n}", "0.001")]) for n in range(300)]
-    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=0)
-    try:
-        async with running_consumer(s) as consumer:
-            await produce(s, [event_record(events[0])])
-            await wait_for(lambda: consumer.batches == 1, what="the first batch")
-            await producer.start()
-            await stream_steadily(s, producer, consumer, events)
+    count = 300
+    async with running_consumer(s) as consumer:
+        await stream_steadily(s, consumer, count)
 
-            # Idle now: everything is committed while the consumer still runs.
-            def committed() -> int:
-                latest: dict[TopicPartition, int] = {}
-                for offsets in commits:
-                    latest.update(offsets)
-                return sum(latest.values())
+        # Idle now: everything is committed while the consumer still runs.
+        def committed() -> int:
+            latest: dict[TopicPartition, int] = {}
+            for offsets in commits:
+                latest.update(offsets)
+            return sum(latest.values())
 
-            await wait_for(lambda: committed() == len(events), what="the idle commit")
-            batches = consumer.batches - 1
-            assert sum((await committed_offsets(s)).values()) == len(events)
-        # Some commits carried several batches (committing every batch gives commits >= batches).
-        # How many depends on the machine's pace (a slow batch can take a whole interval), so
-        # the count is not pinned: under a loaded CI runner 11 commits for 14 batches was seen.
-        assert len(commits) < batches, (len(commits), batches)
-    finally:
-        await producer.stop()
+        await wait_for(lambda: committed() == count, what="the idle commit")
+        batches = consumer.batches - 1
+        assert sum((await committed_offsets(s)).values()) == count
+    # Some commits carried several batches (committing every batch gives commits >= batches).
+    # How many depends on the machine's pace (a slow batch can take a whole interval), so
+    # the count is not pinned: under a loaded CI runner 11 commits for 14 batches was seen.
+    assert len(commits) < batches, (len(commits), batches)
 
 
 async def test_consumer_on_postgres(kafka_settings: Settings, postgres_url: str) -> None:
