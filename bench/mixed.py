@@ -497,6 +497,26 @@ class Startup:
         return self.first_settlement - self.join
 
 
+@dataclass(frozen=True, slots=True)
+class Floor:
+    """The floor's process (a bare aiohttp handler), shared by every stack."""
+
+    pid: int
+    port: int
+
+    async def measure(self, rate: int) -> Level:
+        before = cpu_seconds(self.pid)
+        generated = await run_generator(self.port, rate, WARMUP_SECONDS + RUN_SECONDS, 0)
+        used = {"floor": cpu_seconds(self.pid) - before, "generator": generated.cpu_seconds}
+        count = len(generated.answers)
+        return Level(
+            name="floor",
+            rate=rate,
+            answers=generated.answers,
+            cpu_us={name: cpu / count * 1e6 for name, cpu in used.items()},
+        )
+
+
 async def main(rates: Sequence[int], one_broker: bool) -> int:
     """Each level on a stack of its own (``one_broker``: all levels on one), the floor's
     process shared."""
@@ -504,37 +524,25 @@ async def main(rates: Sequence[int], one_broker: bool) -> int:
     levels: list[Level] = []
     startups: list[Startup] = []
     floor_port = free_port()
-    floor = launch(
+    process = launch(
         [sys.executable, "-m", "bench.ingest", "--floor", str(floor_port)], dict(os.environ), None
     )
+    floor = Floor(process.pid, floor_port)
     try:
         wait_for_port(floor_port, timeout=20)
         await run_generator(floor_port, 200, 2.0, 0)  # its warm-up
         stacks = [list(rates)] if one_broker else [[rate] for rate in rates]
-        for number, stack_rates in enumerate(stacks, start=1):
-            startups.append(
-                await measure_stack(
-                    Path(tempfile.mkdtemp(prefix=f"stack-{number}-", dir=work)),
-                    stack_rates,
-                    number,
-                    floor,
-                    floor_port,
-                    levels,
-                )
-            )
+        for stack_rates in stacks:
+            stack_work = Path(tempfile.mkdtemp(prefix="stack-", dir=work))
+            startups.append(await measure_stack(stack_work, stack_rates, floor, levels))
     finally:
-        stop_process(floor, grace=30)
+        stop_process(process, grace=30)
     shutil.rmtree(work, ignore_errors=True)
     return report(levels, startups, one_broker)
 
 
 async def measure_stack(
-    work: Path,
-    rates: Sequence[int],
-    number: int,
-    floor: subprocess.Popen[bytes],
-    floor_port: int,
-    levels: list[Level],
+    work: Path, rates: Sequence[int], floor: Floor, levels: list[Level]
 ) -> Startup:
     """Starts a local broker, serve, consume and the reader, measures the consumer's start-up,
     then each of ``rates`` (payhook, then the floor), appending to ``levels``."""
@@ -580,32 +588,13 @@ async def measure_stack(
             if unsettled:
                 raise SystemExit(f"{unsettled} warm-up events never settled")
             pids = {"serve": serve.pid, "consume": consume.pid, "broker": broker.pid or 0}
-            for offset, rate in enumerate(rates):
+            for rate in rates:
+                # Invoice numbers of a level's own (the warm-up's start at 0).
+                base = (len(levels) + 1) * 100_000
                 levels.append(
-                    await measure_payhook(
-                        http_port,
-                        consumer_port,
-                        reader,
-                        rate,
-                        (number + offset) * 100_000,
-                        pids,
-                    )
+                    await measure_payhook(http_port, consumer_port, reader, rate, base, pids)
                 )
-                before = cpu_seconds(floor.pid)
-                generated = await run_generator(floor_port, rate, WARMUP_SECONDS + RUN_SECONDS, 0)
-                used = {
-                    "floor": cpu_seconds(floor.pid) - before,
-                    "generator": generated.cpu_seconds,
-                }
-                count = len(generated.answers)
-                levels.append(
-                    Level(
-                        name="floor",
-                        rate=rate,
-                        answers=generated.answers,
-                        cpu_us={name: cpu / count * 1e6 for name, cpu in used.items()},
-                    )
-                )
+                levels.append(await floor.measure(rate))
         finally:
             if reading is not None:
                 reading.cancel()

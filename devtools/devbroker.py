@@ -81,10 +81,10 @@ class LocalBroker:
             **os.environ,
             "RUST_LOG": os.environ.get("RUST_LOG", "error"),
             # One runtime thread rather than one per core: beside payhook's processes on a small
-            # machine, a second thread was spent handing each request from one to the other
-            # (bench.mixed at 1,000 webhooks/s: 805 -> 611 us of the broker's CPU per webhook,
-            # and the webhook's answer p99 29-37 -> 21-23 ms). One thread holds tens of
-            # thousands of records a second, far more than a developer's machine sends it.
+            # machine, a second thread was spent handing requests from one to the other
+            # (bench.mixed at 1,000 webhooks/s: 800-815 -> 711-729 us of the broker's CPU per
+            # webhook, 3 runs each). One thread holds tens of thousands of records a second,
+            # far more than a developer's machine sends it.
             "TOKIO_WORKER_THREADS": os.environ.get("TOKIO_WORKER_THREADS", "1"),
         }
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115

@@ -61,14 +61,12 @@ _encoder: Final = PlainEncoder()  # amounts in plain notation
 _PROBE_SECONDS: Final = 1.0
 # While records keep coming, a batch starts at most this long after the previous one, so the
 # records of that time make one batch: one store transaction, one fetch and one publish (each
-# batch costs about 2 ms of the consumer's CPU whatever its size, and the local broker 1-3 ms a
-# fetch that finds records, more the more records it holds: 1.2 -> 2.75 ms for a produce and
-# its fetch between 0 and 150,000 records, one runtime thread). The interval grows with the
-# rate of records and reaches this at BUSY_RATE; the first record after a quiet moment does not
-# wait. Measured in bench.mixed (3 runs each): a fixed 5 ms gave 200/s its
-# best time to settlement (p50 7.2-7.5 ms against 10.1-10.6 at 10 ms) and 1,000/s its worst
-# (p50 28-30 ms, answer p99 30-32 ms: the batches' CPU, the broker's mostly, crowds the
-# webhooks out) where 10 ms gave 25-28 and 20-24 ms.
+# batch costs about 2 ms of the consumer's CPU whatever its size, and the local broker about
+# 1 ms or more for the fetch: see bench.mixed). The interval grows with the rate of records and
+# reaches this at BUSY_RATE; the first record after a quiet moment does not wait. Measured in
+# bench.mixed (3 runs each): a fixed 5 ms gave 200/s its best time to settlement (p50 7.2-7.5
+# ms against 10.1-10.6 at 10 ms) and 1,000/s its worst (p50 28-30 ms, answer p99 30-32 ms: the
+# batches' CPU, the broker's mostly, crowds the webhooks out) where 10 ms gave 25-28 and 20-24.
 BATCH_INTERVAL: Final = 0.010
 BUSY_RATE: Final = 1000.0  # records/s
 _RATE_WINDOW: Final = 0.5  # seconds of reads the rate is measured over
@@ -284,8 +282,8 @@ class Pipeline:
                 )
                 if batch:
                     now = time.monotonic()
-                    records = rate.add(now, sum(map(len, batch.values())))
-                    next_batch = now + batch_interval(records)
+                    per_second = rate.add(now, sum(map(len, batch.values())))
+                    next_batch = now + batch_interval(per_second)
                     # Before the fetcher runs again: no fetch until the next batch is due.
                     consumer.pause(*consumer.assignment())
                 else:
