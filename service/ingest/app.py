@@ -23,7 +23,7 @@ from typing import Final, final
 
 import orjson
 import structlog
-from aiohttp import StreamReader, web
+from aiohttp import HttpVersion11, StreamReader, hdrs, web
 
 from schemas.events import InvoiceEvent
 from service import errors
@@ -100,12 +100,16 @@ def _require(request: web.Request, *methods: str) -> None:
 
 def _check_headers(request: web.Request, limit: int) -> None:
     """What the headers alone refuse, before any secret is checked: a declared length past the
-    limit (413), then a media type other than JSON (415)."""
+    limit (413), then a media type other than JSON (415), an expectation other than
+    "100-continue" (417, as aiohttp answers it on the other routes)."""
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
     if request.headers.get("Content-Type") != _JSON and request.content_type != _JSON:
         raise errors.UnsupportedMediaType("the body must be application/json")
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect and request.version == HttpVersion11 and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed()
 
 
 async def _read_body(request: web.Request, settings: Settings) -> bytes:
@@ -117,6 +121,9 @@ async def _read_body(request: web.Request, settings: Settings) -> bytes:
     if stream.is_eof():
         body = stream.read_nowait()
     else:  # chunked, or a body still arriving
+        if _waits_to_continue(request):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's own: the answer has not begun
         try:
             async with asyncio.timeout(settings.body_timeout):
                 body = await _read_rest(stream, limit)
@@ -130,6 +137,21 @@ async def _read_body(request: web.Request, settings: Settings) -> bytes:
     if len(body) > limit:
         raise _too_large(limit)
     return body
+
+
+def _waits_to_continue(request: web.Request) -> bool:
+    return (
+        request.version == HttpVersion11
+        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+    )
+
+
+async def _continue_when_read(request: web.Request) -> None:
+    """The webhook routes' ``Expect`` handler does nothing: "100 Continue" is said by
+    :func:`_read_body`, once the request passed every check that comes before its body
+    (aiohttp's own handler says it before the route's handler starts, inviting an
+    unauthenticated client to send its body), and :func:`_check_headers` refuses any other
+    expectation, in JSON."""
 
 
 async def _read_rest(stream: StreamReader, limit: int) -> bytes:
@@ -437,8 +459,12 @@ def create_app(settings: Settings) -> web.Application:
     # Every method reaches the handler, which answers 405 in our format itself.
     route = app.router.add_route
     ids = app[REQUEST_IDS] = RequestIds()
-    route("*", "/v1/webhooks/{provider}/{order_id}", observed(per_order_webhook, ids, webhook=True))
-    route("*", "/v1/webhooks/{provider}", observed(merchant_webhook, ids, webhook=True))
+    for path, handler in (
+        ("/v1/webhooks/{provider}/{order_id}", per_order_webhook),
+        ("/v1/webhooks/{provider}", merchant_webhook),
+    ):
+        webhook = observed(handler, ids, webhook=True)
+        route("*", path, webhook, expect_handler=_continue_when_read)
     route("*", "/healthz", observed(healthz, ids))
     route("*", "/readyz", observed(readyz, ids))
     route("*", "/metrics", observed(metrics_handler, ids))

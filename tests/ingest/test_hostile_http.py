@@ -202,6 +202,54 @@ async def test_a_client_that_hangs_up_mid_body_is_logged_as_gone_not_500(
     assert ("bitfinex", "internal") not in outcomes(offline_client)
 
 
+async def test_a_wrong_token_is_refused_before_the_client_is_asked_for_its_body(
+    offline_client: Client,
+) -> None:
+    """A client that waits for "100 Continue" before sending its body hears 401 instead: an
+    unauthenticated client is never invited to send a body."""
+    reader, writer = await connect(offline_client)
+    try:
+        writer.write(post_head(f"{BFX}?token=k1.wrong", 60_000, "Expect: 100-continue"))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            status, _, text = await answer(reader)
+    finally:
+        writer.close()
+    assert status == 401
+    assert json.loads(text)["error"] == "unauthorized"
+
+
+async def test_an_authenticated_client_is_asked_for_its_body_and_answered_after_it(
+    offline_client: Client,
+) -> None:
+    assert offline_client.app is not None
+    token = token_for(offline_client.app[SETTINGS], "bitfinex", "order123")
+    reader, writer = await connect(offline_client)
+    try:
+        writer.write(post_head(f"{BFX}?token={token}", len(SEED_003), "Expect: 100-continue"))
+        await writer.drain()
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(SEED_003)
+            status, _, _ = await answer(reader)
+    finally:
+        writer.close()
+    assert status == 503  # it got as far as publishing (offline broker, no spool room)
+
+
+async def test_an_unknown_expectation_is_refused_in_json_without_echo(
+    offline_client: Client,
+) -> None:
+    assert offline_client.app is not None
+    token = token_for(offline_client.app[SETTINGS], "bitfinex", "order123")
+    head = post_head(f"{BFX}?token={token}", len(SEED_003), "Expect: secret-handshake")
+    status, headers, text = await exchange(offline_client, head + SEED_003)
+    assert status == 417
+    assert headers["content-type"].startswith("application/json")
+    assert json.loads(text)["error"] == "bad_request"
+    assert b"secret-handshake" not in text
+
+
 async def test_a_complete_body_is_read_at_once(offline_client: Client) -> None:
     assert offline_client.app is not None
     token = token_for(offline_client.app[SETTINGS], "bitfinex", "order123")
