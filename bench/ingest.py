@@ -337,16 +337,17 @@ class Round:
 
     @property
     def ratio(self) -> float:
-        return combined(self.payhook).per_second / combined(self.floor).per_second
+        floor = combined(self.floor).per_second
+        return combined(self.payhook).per_second / floor if floor else 0.0
 
     @property
     def ratio_error(self) -> float:
         """The relative standard error of :attr:`ratio`, from the spread of the slices' own
         payhook/floor ratios (each slice pair ran within seconds of each other)."""
         pairs = zip(self.payhook, self.floor, strict=True)
-        ratios = [p.per_second / f.per_second for p, f in pairs]
-        if len(ratios) < 2:
-            return float("inf")
+        ratios = [p.per_second / f.per_second for p, f in pairs if f.per_second]
+        if len(ratios) < max(2, len(self.floor)) or not any(ratios):
+            return float("inf")  # one slice, or a slice the floor did not answer
         return statistics.stdev(ratios) / statistics.mean(ratios) / math.sqrt(len(ratios))
 
 

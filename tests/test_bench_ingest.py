@@ -94,3 +94,10 @@ def test_payhook_getting_faster_is_no_slowdown() -> None:
     (excess,) = excess_slowdowns(rounds)
     assert excess.slowdown < 0
     assert excess.met
+
+
+def test_a_slice_the_floor_did_not_answer_leaves_the_round_unresolved_not_crashed() -> None:
+    unanswered = Load(5000, 2.0, 8, 12, non_200=0, socket_errors=5000)
+    broken = Round([load(7000), load(7000)], [load(14000), unanswered])
+    assert math.isinf(broken.ratio_error)
+    assert Round([load(7000)], [unanswered]).ratio == 0

@@ -28,6 +28,7 @@ from schemas.events import (
 # RUNNING_TOTAL_PROVIDERS: providers whose paid amount is their own running total, not a sum
 # of payments (each provider says so in its module).
 from service.providers import RUNNING_TOTAL_PROVIDERS
+from service.providers.normalize import MAX_DIGITS, MAX_EXPONENT, within_bounds
 
 # Re-exported for what names the stored state through reconciliation (the pipeline, faults/).
 from service.state import Fact as Fact
@@ -74,8 +75,16 @@ def _aware(value: datetime | None, what: str) -> None:
 
 
 def _finite(value: Decimal | None, what: str) -> None:
-    if value is not None and not value.is_finite():
+    """An amount another producer wrote may be what ingest refuses (DESIGN.md, Events)."""
+    if value is None:
+        return
+    if not value.is_finite():
         raise InvalidEvent(f"{what} is not a finite amount")
+    if not within_bounds(value):
+        raise InvalidEvent(
+            f"{what} is beyond the bounds of an amount (at most {MAX_DIGITS} significant "
+            f"digits, exponent within +-{MAX_EXPONENT})"
+        )
 
 
 def validate(event: InvoiceEvent, key: bytes | None = None) -> None:

@@ -180,6 +180,30 @@ def amount(raw: msgspec.Raw, *path: object, signed: bool = False) -> Decimal | N
     return value
 
 
+def within_bounds(value: Decimal) -> bool:
+    """True for a finite amount that :func:`amount` could have admitted, however it was
+    written since: in plain notation an integer's trailing zeros become digits (``1e60`` is
+    read back as 61 digits), so they are not counted, and a value admitted with its exponent
+    at the bound may carry up to ``MAX_DIGITS`` digits above it. For what payhook did not
+    read itself (an event from another producer): what is beyond is not money, and in plain
+    notation it could take megabytes (``1E+999990``)."""
+    if not value.is_finite():
+        return False
+    if not value:
+        return True
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    significant = len(digits)
+    while digits[significant - 1] == 0:  # trailing zeros: not significant (value != 0)
+        significant -= 1
+    exponent += len(digits) - significant
+    return (
+        significant <= MAX_DIGITS
+        and exponent >= -MAX_EXPONENT
+        and exponent + significant <= MAX_EXPONENT + MAX_DIGITS
+    )
+
+
 def required_amount(raw: msgspec.Raw, *path: object) -> Decimal:
     value = amount(raw, *path)
     if value is None:

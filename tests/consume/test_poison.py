@@ -217,3 +217,33 @@ async def test_a_secret_for_one_order_cannot_change_another_orders_invoice(
     final = latest_settlements(records)[key]
     assert (final.state, final.expected_amount) == ("overpaid", Decimal("0.00006262"))
     assert final.paid_amount == Decimal("0.00006263")
+
+
+async def test_an_amount_beyond_the_bounds_of_money_goes_to_the_dlq_and_nothing_stalls(
+    kafka_settings: Settings, tmp_path: Path
+) -> None:
+    """An event of another producer may hold what ingest refuses (DESIGN.md, Events: at most
+    60 digits, an exponent within +-60): 1E+999990 is exact arithmetic for Python, and three
+    megabytes of digits in plain notation, in a settlement no broker takes."""
+    s = consumer_settings(kafka_settings, store_url=f"sqlite:///{tmp_path / 'bounds.db'}")
+    huge = event("huge", 1, payments=(("h1", "1"),))
+    huge = msgspec.structs.replace(
+        huge,
+        expected_pay_amount=Decimal("1E+999990"),
+        payments=(msgspec.structs.replace(huge.payments[0], amount=Decimal("1E+999990")),),
+    )
+    # As another producer writes it: msgspec's own encoder keeps the exponent (ten bytes).
+    key, _, headers = event_record(huge)
+    value = msgspec.json.encode(huge)
+    assert b'"1E+999990"' in value
+    fine = event("d", 1, payments=(("d1", "0.001"),))
+    await produce(s, [(key, value, headers), event_record(fine)])
+    async with running_consumer(s) as consumer:
+        dlq = await read_topic(s, s.dlq_topic, lambda rs: b"bitfinex:huge" in dlq_errors(rs))
+        records = await read_topic(
+            s, s.settlements_topic, lambda rs: "bitfinex:d" in latest_settlements(rs)
+        )
+        assert counter(consumer, "payhook_consumer_restarts_total") == 0
+    assert "bitfinex:huge" not in latest_settlements(records)
+    error = dlq_errors(dlq)[b"bitfinex:huge"]
+    assert error.startswith("invalid: expected_pay_amount is beyond the bounds"), error

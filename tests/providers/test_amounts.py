@@ -22,6 +22,7 @@ from service.providers.bitfinex import BITFINEX
 from service.providers.cryptopos import CRYPTOPOS
 from service.providers.cryptopos import split as split_cryptopos
 from service.providers.cryptosteroid import CRYPTOSTEROID
+from service.providers.normalize import within_bounds
 from tests.fixtures_app import SEED_003, bitfinex, cryptopos_body, cryptopos_data, cryptosteroid
 
 NOW = datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
@@ -277,3 +278,35 @@ def test_any_exponent_form_comes_out_as_its_exact_plain_expansion(
     power = -exponent if sign == "-" else exponent
     fraction_digits = len(mantissa.partition(".")[2]) - power
     assert len(written.partition(".")[2]) == max(0, fraction_digits)
+
+
+@given(
+    digits=st.text(alphabet="0123456789", min_size=1, max_size=60),
+    point=st.integers(min_value=0, max_value=60),
+    exponent=st.integers(min_value=-60, max_value=60),
+)
+@example(digits="1", point=0, exponent=60)
+@example(digits="10", point=0, exponent=60)  # stripped of its zero, 1 with exponent 61
+@example(digits="1" * 60, point=0, exponent=60)
+@example(digits="1", point=0, exponent=-60)
+def test_what_ingest_admits_is_within_bounds_as_the_consumer_reads_it_back(
+    digits: str, point: int, exponent: int
+) -> None:
+    """The consumer re-checks the bounds of what another producer wrote (within_bounds); it
+    must admit everything ingest admitted, as it reads back from plain notation."""
+    mantissa = digits if point == 0 else f"{digits[:-point] or '0'}.{digits[-point:]}"
+    sent = f'"{mantissa}e{exponent}"'
+    try:
+        event = bfx_raw(with_payment_amount(sent))
+    except InvalidPayload:
+        return  # beyond ingest's own bounds (digits or exponent as sent)
+    written = published(event)["payments"][0]["amount"]
+    assert within_bounds(Decimal(written)), written
+
+
+@pytest.mark.parametrize(
+    "beyond",
+    ["1E+999990", "1" * 61, "0." + "0" * 60 + "1", "1E+121", "1E-61", "NaN", "Infinity"],
+)
+def test_what_no_provider_may_send_is_beyond_bounds(beyond: str) -> None:
+    assert not within_bounds(Decimal(beyond))
