@@ -65,11 +65,15 @@ def test_what_slows_the_machine_slows_both_sides_and_is_not_payhooks(
     assert excess.slowdown <= excess.resolution + 1e-3
 
 
-@given(floor=steady, creep=st.floats(0.05, 0.5), noise=wobble)
+@given(
+    floor=steady,
+    creep=st.floats(0.05, 0.5),
+    noise=st.lists(st.floats(min_value=0.98, max_value=1.02), min_size=5, max_size=5),
+)
 def test_a_payhook_that_gets_slower_than_the_floor_is_caught(
     floor: float, creep: float, noise: list[float]
 ) -> None:
-    """Slices that scatter by up to 3% resolve a drop of 5% or more of payhook alone."""
+    """Slices that scatter by up to 2% resolve a drop of 5% or more of payhook alone."""
     first = Round([load(floor * 0.55 * n) for n in noise], [load(floor) for _ in noise])
     second = Round(
         [load(floor * 0.55 * (1 - creep) * n) for n in noise], [load(floor) for _ in noise]
@@ -101,3 +105,31 @@ def test_a_slice_the_floor_did_not_answer_leaves_the_round_unresolved_not_crashe
     broken = Round([load(7000), load(7000)], [load(14000), unanswered])
     assert math.isinf(broken.ratio_error)
     assert Round([load(7000)], [unanswered]).ratio == 0
+    # wrk counts socket errors apart from completed requests: no negative throughput.
+    assert Load(0, 2.0, 0, 0, non_200=0, socket_errors=64).per_second == 0
+    fine = Round([load(7000), load(7100)], [load(14000), load(14100)])
+    for a, b in ((fine, broken), (broken, fine)):
+        (excess,) = excess_slowdowns([a, b])
+        assert not excess.met  # what the run cannot resolve is not a pass
+
+
+def test_a_payhook_all_refused_leaves_the_run_unresolved_not_crashed() -> None:
+    refused = Round([Load(7000, 2.0, 8, 12, non_200=7000, socket_errors=0)] * 2, [load(14000)] * 2)
+    fine = Round([load(7000), load(7100)], [load(14000), load(14100)])
+    assert refused.ratio == 0
+    assert not any(e.met for e in excess_slowdowns([refused, fine]))
+
+
+def test_a_creep_too_small_between_neighbours_is_caught_from_first_to_last() -> None:
+    scatter = [0.99, 1.01, 1.0, 0.99, 1.01]
+
+    def round_at(share: float) -> Round:
+        return Round([load(14000 * share * n) for n in scatter], [load(14000)] * 5)
+
+    rounds = [round_at(0.55 * (1 - 0.012) ** k) for k in range(3)]
+    first_second, second_third, first_last = excess_slowdowns(rounds)
+    assert (first_last.first, first_last.second) == (1, 3)
+    assert first_second.met
+    assert second_third.met
+    assert first_last.slowdown == pytest.approx(1 - 0.988**2, abs=1e-3)
+    assert not first_last.met

@@ -189,10 +189,12 @@ def within_bounds(value: Decimal) -> bool:
     notation it could take megabytes (``1E+999990``)."""
     if not value.is_finite():
         return False
-    if not value:
-        return True
     _, digits, exponent = value.as_tuple()
     assert isinstance(exponent, int)  # finite
+    if not value:  # "0E-3000000" would be three megabytes of zeros
+        return exponent >= -MAX_EXPONENT
+    if len(digits) > MAX_DIGITS + MAX_EXPONENT:  # more than any admitted amount reads back with
+        return False
     significant = len(digits)
     while digits[significant - 1] == 0:  # trailing zeros: not significant (value != 0)
         significant -= 1

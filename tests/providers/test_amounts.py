@@ -289,6 +289,8 @@ def test_any_exponent_form_comes_out_as_its_exact_plain_expansion(
 @example(digits="10", point=0, exponent=60)  # stripped of its zero, 1 with exponent 61
 @example(digits="1" * 60, point=0, exponent=60)
 @example(digits="1", point=0, exponent=-60)
+@example(digits="0", point=0, exponent=-60)
+@example(digits="0" * 60, point=30, exponent=-60)
 def test_what_ingest_admits_is_within_bounds_as_the_consumer_reads_it_back(
     digits: str, point: int, exponent: int
 ) -> None:
@@ -306,7 +308,18 @@ def test_what_ingest_admits_is_within_bounds_as_the_consumer_reads_it_back(
 
 @pytest.mark.parametrize(
     "beyond",
-    ["1E+999990", "1" * 61, "0." + "0" * 60 + "1", "1E+121", "1E-61", "NaN", "Infinity"],
+    [
+        "1E+999990",
+        "1" * 61,
+        "0." + "0" * 60 + "1",
+        "1E+121",
+        "1E-61",
+        "0E-61",  # a zero too: "0E-3000000" is three megabytes of zeros in plain notation
+        "0E-3000000",
+        "1" + "0" * 1000,
+        "NaN",
+        "Infinity",
+    ],
 )
 def test_what_no_provider_may_send_is_beyond_bounds(beyond: str) -> None:
     assert not within_bounds(Decimal(beyond))
