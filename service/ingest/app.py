@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import re
 import secrets
@@ -100,16 +101,12 @@ def _require(request: web.Request, *methods: str) -> None:
 
 def _check_headers(request: web.Request, limit: int) -> None:
     """What the headers alone refuse, before any secret is checked: a declared length past the
-    limit (413), then a media type other than JSON (415), an expectation other than
-    "100-continue" (417, as aiohttp answers it on the other routes)."""
+    limit (413), then a media type other than JSON (415)."""
     length = request.content_length
     if length is not None and length > limit:
         raise _too_large(limit)
     if request.headers.get("Content-Type") != _JSON and request.content_type != _JSON:
         raise errors.UnsupportedMediaType("the body must be application/json")
-    expect = request.headers.get(hdrs.EXPECT)
-    if expect and request.version == HttpVersion11 and expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed()
 
 
 async def _read_body(request: web.Request, settings: Settings) -> bytes:
@@ -147,11 +144,17 @@ def _waits_to_continue(request: web.Request) -> bool:
 
 
 async def _continue_when_read(request: web.Request) -> None:
-    """The webhook routes' ``Expect`` handler does nothing: "100 Continue" is said by
-    :func:`_read_body`, once the request passed every check that comes before its body
-    (aiohttp's own handler says it before the route's handler starts, inviting an
-    unauthenticated client to send its body), and :func:`_check_headers` refuses any other
+    """Every route's ``Expect`` handler does nothing: "100 Continue" is said by
+    :func:`_read_body`, once a webhook passed every check that comes before its body (aiohttp's
+    own handler says it before the route's handler starts, inviting an unauthenticated client,
+    or one of a route that reads no body, to send it), and :func:`observed` refuses any other
     expectation, in JSON."""
+
+
+def _refuse_unknown_expectation(request: web.Request) -> None:
+    expect = request.headers.get(hdrs.EXPECT)
+    if expect and request.version == HttpVersion11 and expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed()
 
 
 async def _read_rest(stream: StreamReader, limit: int) -> bytes:
@@ -310,6 +313,7 @@ def observed(handler: RouteHandler, ids: RequestIds, *, webhook: bool = False) -
         error: str | None = None
         response: web.StreamResponse
         try:
+            _refuse_unknown_expectation(request)
             response = await handler(request)
         except errors.PayhookError as exc:
             error = exc.code
@@ -457,14 +461,10 @@ def create_app(settings: Settings) -> web.Application:
     app.on_startup.append(_mark_ready)
     app.on_shutdown.append(_on_shutdown)
     # Every method reaches the handler, which answers 405 in our format itself.
-    route = app.router.add_route
+    route = functools.partial(app.router.add_route, expect_handler=_continue_when_read)
     ids = app[REQUEST_IDS] = RequestIds()
-    for path, handler in (
-        ("/v1/webhooks/{provider}/{order_id}", per_order_webhook),
-        ("/v1/webhooks/{provider}", merchant_webhook),
-    ):
-        webhook = observed(handler, ids, webhook=True)
-        route("*", path, webhook, expect_handler=_continue_when_read)
+    route("*", "/v1/webhooks/{provider}/{order_id}", observed(per_order_webhook, ids, webhook=True))
+    route("*", "/v1/webhooks/{provider}", observed(merchant_webhook, ids, webhook=True))
     route("*", "/healthz", observed(healthz, ids))
     route("*", "/readyz", observed(readyz, ids))
     route("*", "/metrics", observed(metrics_handler, ids))

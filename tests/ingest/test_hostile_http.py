@@ -250,6 +250,31 @@ async def test_an_unknown_expectation_is_refused_in_json_without_echo(
     assert b"secret-handshake" not in text
 
 
+async def test_no_route_invites_a_body_it_will_not_read_nor_echoes_an_expectation(
+    offline_client: Client,
+) -> None:
+    with capture_logs(processors=[merge_request_fields]) as logs:
+        # A route that does not exist answers 404 at once: no "100 Continue" first.
+        reader, writer = await connect(offline_client)
+        try:
+            head = post_head("/nowhere", 60_000, "Expect: 100-continue")
+            writer.write(head)
+            await writer.drain()
+            async with asyncio.timeout(5):
+                status, _, text = await answer(reader)
+        finally:
+            writer.close()
+        assert status == 404
+        assert json.loads(text)["error"] == "not_found"
+        # Every route refuses an unknown expectation in JSON, logged, without echo.
+        raw = b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: secret-handshake\r\n\r\n"
+        status, headers, text = await exchange(offline_client, raw)
+    assert status == 417
+    assert headers["content-type"].startswith("application/json")
+    assert b"secret-handshake" not in text
+    assert [line["status"] for line in requests_in(logs)] == [404, 417]
+
+
 async def test_a_complete_body_is_read_at_once(offline_client: Client) -> None:
     assert offline_client.app is not None
     token = token_for(offline_client.app[SETTINGS], "bitfinex", "order123")
