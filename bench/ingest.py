@@ -459,7 +459,7 @@ def report(webhooks: int, rounds: list[Round]) -> bool:
         f"(target <= {TARGET_P99_MS})\n"
         f"  largest slowdown from one round to the next: payhook "
         f"{slowdown([p for p, _ in results]):.1%}, floor {slowdown([f for _, f in results]):.1%}; "
-        f"payhook's beyond the floor's between two rounds, at most: {beyond} "
+        f"payhook's beyond the floor's between two rounds, nearest its bound: {beyond} "
         f"(target: none beyond what the run resolves)"
     )
     return (
