@@ -207,14 +207,8 @@ async def test_a_wrong_token_is_refused_before_the_client_is_asked_for_its_body(
 ) -> None:
     """A client that waits for "100 Continue" before sending its body hears 401 instead: an
     unauthenticated client is never invited to send a body."""
-    reader, writer = await connect(offline_client)
-    try:
-        writer.write(post_head(f"{BFX}?token=k1.wrong", 60_000, "Expect: 100-continue"))
-        await writer.drain()
-        async with asyncio.timeout(5):
-            status, _, text = await answer(reader)
-    finally:
-        writer.close()
+    head = post_head(f"{BFX}?token=k1.wrong", 60_000, "Expect: 100-continue")
+    status, _, text = await exchange(offline_client, head)
     assert status == 401
     assert json.loads(text)["error"] == "unauthorized"
 
@@ -255,15 +249,8 @@ async def test_no_route_invites_a_body_it_will_not_read_nor_echoes_an_expectatio
 ) -> None:
     with capture_logs(processors=[merge_request_fields]) as logs:
         # A route that does not exist answers 404 at once: no "100 Continue" first.
-        reader, writer = await connect(offline_client)
-        try:
-            head = post_head("/nowhere", 60_000, "Expect: 100-continue")
-            writer.write(head)
-            await writer.drain()
-            async with asyncio.timeout(5):
-                status, _, text = await answer(reader)
-        finally:
-            writer.close()
+        head = post_head("/nowhere", 60_000, "Expect: 100-continue")
+        status, _, text = await exchange(offline_client, head)
         assert status == 404
         assert json.loads(text)["error"] == "not_found"
         # Every route refuses an unknown expectation in JSON, logged, without echo.
