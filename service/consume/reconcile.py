@@ -74,7 +74,7 @@ def _aware(value: datetime | None, what: str) -> None:
         raise InvalidEvent(f"{what} has no time zone")
 
 
-def _finite(value: Decimal | None, what: str) -> None:
+def _amount(value: Decimal | None, what: str) -> None:
     """An amount another producer wrote may be what ingest refuses (DESIGN.md, Events)."""
     if value is None:
         return
@@ -95,16 +95,16 @@ def validate(event: InvoiceEvent, key: bytes | None = None) -> None:
         raise InvalidEvent("event_id and invoice_id must not be empty")
     _aware(event.occurred_at, "occurred_at")
     _aware(event.received_at, "received_at")
-    _finite(event.amount, "amount")
-    _finite(event.expected_pay_amount, "expected_pay_amount")
-    _finite(event.amount_diff, "amount_diff")
-    _finite(event.paid_total, "paid_total")
+    _amount(event.amount, "amount")
+    _amount(event.expected_pay_amount, "expected_pay_amount")
+    _amount(event.amount_diff, "amount_diff")
+    _amount(event.paid_total, "paid_total")
     for i, payment in enumerate(event.payments):
         where = f"payments[{i}]"
         if not payment.txid:
             raise InvalidEvent(f"{where}.txid must not be empty")
-        _finite(payment.amount, f"{where}.amount")
-        _finite(payment.crypto_amount, f"{where}.crypto_amount")
+        _amount(payment.amount, f"{where}.amount")
+        _amount(payment.crypto_amount, f"{where}.crypto_amount")
         _aware(payment.created_at, f"{where}.created_at")
         _aware(payment.updated_at, f"{where}.updated_at")
         if payment.amount is None and event.provider not in RUNNING_TOTAL_PROVIDERS:

@@ -118,7 +118,7 @@ async def _read_body(request: web.Request, settings: Settings) -> bytes:
     if stream.is_eof():
         body = stream.read_nowait()
     else:  # chunked, or a body still arriving
-        if _waits_to_continue(request):
+        if _expectation(request) == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             request.writer.output_size = 0  # as aiohttp's own: the answer has not begun
         try:
@@ -136,11 +136,12 @@ async def _read_body(request: web.Request, settings: Settings) -> bytes:
     return body
 
 
-def _waits_to_continue(request: web.Request) -> bool:
-    return (
-        request.version == HttpVersion11
-        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
-    )
+def _expectation(request: web.Request) -> str:
+    """The request's ``Expect``, lowercased ("" when none, or before HTTP/1.1, where aiohttp
+    heeds none either)."""
+    if request.version != HttpVersion11:
+        return ""
+    return request.headers.get(hdrs.EXPECT, "").lower()
 
 
 async def _continue_when_read(request: web.Request) -> None:
@@ -152,8 +153,7 @@ async def _continue_when_read(request: web.Request) -> None:
 
 
 def _refuse_unknown_expectation(request: web.Request) -> None:
-    expect = request.headers.get(hdrs.EXPECT)
-    if expect and request.version == HttpVersion11 and expect.lower() != "100-continue":
+    if _expectation(request) not in ("", "100-continue"):
         raise web.HTTPExpectationFailed()
 
 
