@@ -231,35 +231,32 @@ async def test_an_authenticated_client_is_asked_for_its_body_and_answered_after_
     assert status == 503  # it got as far as publishing (offline broker, no spool room)
 
 
-async def test_an_unknown_expectation_is_refused_in_json_without_echo(
+async def test_every_route_refuses_an_unknown_expectation_in_json_logged_without_echo(
     offline_client: Client,
 ) -> None:
     assert offline_client.app is not None
     token = token_for(offline_client.app[SETTINGS], "bitfinex", "order123")
-    head = post_head(f"{BFX}?token={token}", len(SEED_003), "Expect: secret-handshake")
-    status, headers, text = await exchange(offline_client, head + SEED_003)
-    assert status == 417
-    assert headers["content-type"].startswith("application/json")
-    assert json.loads(text)["error"] == "bad_request"
-    assert b"secret-handshake" not in text
-
-
-async def test_no_route_invites_a_body_it_will_not_read_nor_echoes_an_expectation(
-    offline_client: Client,
-) -> None:
+    expect = "Expect: secret-handshake"
+    webhook = post_head(f"{BFX}?token={token}", len(SEED_003), expect) + SEED_003
+    healthz = f"GET /healthz HTTP/1.1\r\nHost: x\r\n{expect}\r\n\r\n".encode()
     with capture_logs(processors=[merge_request_fields]) as logs:
-        # A route that does not exist answers 404 at once: no "100 Continue" first.
+        for raw in (webhook, healthz):
+            status, headers, text = await exchange(offline_client, raw)
+            assert status == 417
+            assert headers["content-type"].startswith("application/json")
+            assert json.loads(text)["error"] == "bad_request"
+            assert b"secret-handshake" not in text
+    assert [line["status"] for line in requests_in(logs)] == [417, 417]
+
+
+async def test_no_route_invites_a_body_it_will_not_read(offline_client: Client) -> None:
+    """A route that does not exist answers 404 at once: no "100 Continue" first."""
+    with capture_logs(processors=[merge_request_fields]) as logs:
         head = post_head("/nowhere", 60_000, "Expect: 100-continue")
         status, _, text = await exchange(offline_client, head)
-        assert status == 404
-        assert json.loads(text)["error"] == "not_found"
-        # Every route refuses an unknown expectation in JSON, logged, without echo.
-        raw = b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: secret-handshake\r\n\r\n"
-        status, headers, text = await exchange(offline_client, raw)
-    assert status == 417
-    assert headers["content-type"].startswith("application/json")
-    assert b"secret-handshake" not in text
-    assert [line["status"] for line in requests_in(logs)] == [404, 417]
+    assert status == 404
+    assert json.loads(text)["error"] == "not_found"
+    assert [line["status"] for line in requests_in(logs)] == [404]
 
 
 async def test_a_complete_body_is_read_at_once(offline_client: Client) -> None:
